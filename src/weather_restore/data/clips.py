@@ -1,0 +1,244 @@
+"""Stage `split`: source videos -> 10-frame clips in the MWVD layout, split by source video, with a manifest.
+
+Output (`<data>/mwvd`): `{train,test}/{input,gt}/<clip>/<NNNN>.png`, `{train,test}/physics/<clip>.npz` where the
+source carries physics, `manifest.json`, and the published loader's annotation files `meta_info_{split}.txt`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from weather_restore.config import ClipsConfig
+from weather_restore.data.frames import read_frame, write_frame
+from weather_restore.data.records import WEATHERS, Split, VideoRecord, Weather
+from weather_restore.errors import ClipError
+from weather_restore.progress import progress
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[Split, ...] = ("train", "test")
+MANIFEST_NAME = "manifest.json"
+
+
+class Clip(BaseModel):
+    """One clip of `clip_len` consecutive frames of a source video, as written in the manifest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    weather: Weather
+    split: Split
+    source: str
+    source_video: str
+    video_id: str
+    start: int
+    stop: int
+    params: dict[str, Any] = {}
+    checksum: str = ""
+
+
+def clip_windows(n_frames: int, clip_len: int) -> list[tuple[int, int]]:
+    """Non-overlapping windows [start, stop) of `clip_len` frames; a shorter tail is dropped."""
+    return [(start, start + clip_len) for start in range(0, n_frames - clip_len + 1, clip_len)]
+
+
+def clip_name(record: VideoRecord, start: int) -> str:
+    """`<weather>_<video>_<start>`: the weather prefix lets tools built for MWVD read the weather back."""
+    video = record.video_id.replace("/", "-")
+    prefix = "" if video.startswith(f"{record.weather}") else f"{record.weather}_"
+    return f"{prefix}{video}_{start:04d}"
+
+
+def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Split]:
+    """Split by source video: every video of one source lands in the same split.
+
+    Sources a dataset assigns itself keep their split (when `respect_source_split`). The rest are shuffled with
+    the seed; a `test_fraction` of them go to test, plus more while test still lacks clips of some weather.
+    """
+    groups: dict[str, list[VideoRecord]] = defaultdict(list)
+    for record in records:
+        groups[record.source_video].append(record)
+
+    assignment: dict[str, Split] = {}
+    free: list[str] = []
+    for source_video, videos in groups.items():
+        given = {v.split for v in videos if v.split is not None}
+        if len(given) > 1:
+            ids = [v.video_id for v in videos]
+            raise ClipError(f"source video {source_video} is in both train and test of its dataset: {ids}")
+        if given and cfg.respect_source_split:
+            assignment[source_video] = given.pop()
+        else:
+            free.append(source_video)
+
+    free.sort()
+    order = np.random.default_rng(cfg.seed).permutation(len(free))
+    shuffled = [free[i] for i in order]
+
+    def clips_of(source_video: str) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for video in groups[source_video]:
+            counts[video.weather] += len(clip_windows(video.n_frames, cfg.clip_len))
+        return counts
+
+    test_have: dict[str, int] = defaultdict(int)
+    for source_video, split in assignment.items():
+        if split == "test":
+            for weather, n in clips_of(source_video).items():
+                test_have[weather] += n
+    minimum_test = math.ceil(cfg.test_fraction * len(shuffled)) if shuffled else 0
+    for position, source_video in enumerate(shuffled):
+        counts = clips_of(source_video)
+        short = any(test_have[w] < cfg.test_per_weather and counts.get(w, 0) > 0 for w in WEATHERS)
+        # Keep at least one free source for train whenever there is more than one.
+        last_for_train = position == len(shuffled) - 1 and len(shuffled) > 1
+        if (position < minimum_test or short) and not last_for_train:
+            assignment[source_video] = "test"
+            for weather, n in counts.items():
+                test_have[weather] += n
+        else:
+            assignment[source_video] = "train"
+    return assignment
+
+
+def select_clips(records: list[VideoRecord], assignment: dict[str, Split], cfg: ClipsConfig) -> list[Clip]:
+    """Take clips per split and weather up to the targets, spread round-robin over the videos."""
+    targets = {"train": cfg.train_per_weather, "test": cfg.test_per_weather}
+    selected: list[Clip] = []
+    shortages = []
+    for split in SPLITS:
+        for weather in WEATHERS:
+            videos = sorted(
+                (r for r in records if r.weather == weather and assignment[r.source_video] == split),
+                key=lambda r: r.video_id,
+            )
+            per_video = [[(v, s, e) for s, e in clip_windows(v.n_frames, cfg.clip_len)] for v in videos]
+            available = sum(len(windows) for windows in per_video)
+            wanted = targets[split] or available
+            if available < wanted:
+                shortages.append(f"{split}/{weather}: {wanted} clips asked, the sources supply {available}")
+                continue
+            round_robin = [
+                w
+                for rank in range(max(map(len, per_video), default=0))
+                for w in (windows[rank] for windows in per_video if rank < len(windows))
+            ]
+            for video, start, stop in round_robin[:wanted]:
+                selected.append(
+                    Clip(
+                        id=clip_name(video, start),
+                        weather=weather,
+                        split=split,
+                        source=video.source,
+                        source_video=video.source_video,
+                        video_id=video.video_id,
+                        start=start,
+                        stop=stop,
+                        params=video.params,
+                    )
+                )
+    if shortages:
+        raise ClipError(
+            "the sources cannot supply the clips asked for in params.yaml data.clips "
+            f"(clip_len {cfg.clip_len}): "
+            + "; ".join(shortages)
+            + ". Lower train_per_weather/test_per_weather (0 = all available) or add videos."
+        )
+    return selected
+
+
+def _write_clip(args: tuple[Clip, VideoRecord, Path]) -> str:
+    """Write one clip's frames (PNG sources are copied byte for byte) and return its checksum."""
+    clip, video, root = args
+    digest = hashlib.sha256()
+    for kind, frames in (("input", video.input_frames), ("gt", video.gt_frames)):
+        folder = root / clip.split / kind / clip.id
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, source in enumerate(frames[clip.start : clip.stop]):
+            target = folder / f"{index:04d}.png"
+            if source.suffix.lower() == ".png":
+                shutil.copyfile(source, target)
+            else:
+                write_frame(target, read_frame(source))
+            digest.update(target.read_bytes())
+    if video.physics is not None:
+        with np.load(video.physics) as physics:
+            sliced = {k: (v[clip.start : clip.stop] if v.ndim >= 3 else v) for k, v in physics.items()}
+        target = root / clip.split / "physics" / f"{clip.id}.npz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(target, **sliced)
+    return digest.hexdigest()
+
+
+def write_clips(records: list[VideoRecord], cfg: ClipsConfig, out_root: Path, workers: int = 1) -> list[Clip]:
+    """Run the stage: assign, select, write into a temporary sibling, then move into place."""
+    assignment = assign_splits(records, cfg)
+    clips = select_clips(records, assignment, cfg)
+    by_id = {r.video_id: r for r in records}
+    out_root = Path(out_root)
+    out_root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_root.with_name(f".{out_root.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        args = [(clip, by_id[clip.video_id], tmp) for clip in clips]
+        if workers <= 1:
+            checksums = list(
+                progress(map(_write_clip, args), total=len(args), desc="writing clips", unit="clip")
+            )
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                results = pool.map(_write_clip, args, chunksize=4)
+                checksums = list(progress(results, total=len(args), desc="writing clips", unit="clip"))
+        clips = [c.model_copy(update={"checksum": s}) for c, s in zip(clips, checksums, strict=True)]
+        write_manifest(clips, cfg, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_root, ignore_errors=True)
+    os.replace(tmp, out_root)
+    summary = {s: {w: sum(c.split == s and c.weather == w for c in clips) for w in WEATHERS} for s in SPLITS}
+    log.info("wrote %d clips to %s: %s", len(clips), out_root, summary)
+    return clips
+
+
+def manifest_checksum(clips: list[Clip]) -> str:
+    """One checksum of the whole dataset: the clips' ids, splits and frame checksums."""
+    digest = hashlib.sha256()
+    for clip in sorted(clips, key=lambda c: (c.split, c.id)):
+        digest.update(f"{clip.split}/{clip.id}:{clip.checksum}\n".encode())
+    return digest.hexdigest()
+
+
+def write_manifest(clips: list[Clip], cfg: ClipsConfig, root: Path) -> None:
+    manifest = {
+        "version": 1,
+        "clip_len": cfg.clip_len,
+        "checksum": manifest_checksum(clips),
+        "clips": [clip.model_dump(mode="json") for clip in clips],
+    }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    for split in SPLITS:
+        lines = [f"{c.id} {c.stop - c.start}\n" for c in clips if c.split == split]
+        (root / f"meta_info_{split}.txt").write_text("".join(lines))
+
+
+def read_manifest(root: Path) -> tuple[str, list[Clip]]:
+    """(dataset checksum, clips) of `<root>/manifest.json`."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ClipError(f"{path}: no manifest; run the split stage first (weather-restore split)")
+    data = json.loads(path.read_text())
+    return data["checksum"], [Clip.model_validate(row) for row in data["clips"]]

@@ -1,0 +1,21 @@
+"""One exception per domain. The CLI catches `WeatherRestoreError` once and prints it without a traceback."""
+
+
+class WeatherRestoreError(Exception):
+    """Base of every error the project raises on purpose; its message says what and where."""
+
+
+class ConfigError(WeatherRestoreError):
+    """params.yaml (or an override) holds an unknown key, a wrong type or an out-of-range value."""
+
+
+class DataError(WeatherRestoreError):
+    """A dataset tree, a frame or a manifest is missing, unreadable or inconsistent."""
+
+
+class ClipError(DataError):
+    """Clips cannot be cut or split as asked (frame counts, sizes, counts per weather)."""
+
+
+class ModelFileError(WeatherRestoreError):
+    """A checkpoint, ONNX file or registry URI does not hold the model that was asked for."""

@@ -1,0 +1,98 @@
+"""Pieces both models use: Haar wavelet downsampling, channel LayerNorm, padding, windows and their masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class HaarDWT(nn.Module):
+    """One level of the 2-D Haar transform: (N, C, H, W) -> (N, 4C, H/2, W/2), H and W even.
+
+    For each 2x2 block [[a, b], [c, d]] the four outputs are (a+b+c+d)/2, (a+b-c-d)/2, (a-b+c-d)/2 and
+    (a-b-c+d)/2; channel c's sub-bands sit at 4c..4c+3. A stride-2 convolution with a fixed kernel bank.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        bank = torch.tensor(
+            [
+                [[1.0, 1.0], [1.0, 1.0]],
+                [[1.0, 1.0], [-1.0, -1.0]],
+                [[1.0, -1.0], [1.0, -1.0]],
+                [[1.0, -1.0], [-1.0, 1.0]],
+            ]
+        ) / 2.0
+        self.channels = channels
+        self.register_buffer("bank", bank.unsqueeze(1).repeat(channels, 1, 1, 1), persistent=False)  # (4C,1,2,2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.bank.to(x.dtype), stride=2, groups=self.channels)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of (N, C, H, W), with a weight and a bias per channel."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the last two dims of x at the bottom/right to multiples of `multiple` (reflection where it fits)."""
+    height, width = x.shape[-2:]
+    pad_h = (multiple - height % multiple) % multiple
+    pad_w = (multiple - width % multiple) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])  # (N, C, H, W): F.pad's reflect mode wants 3-D or 4-D input
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    flat = F.pad(flat, (0, pad_w, 0, pad_h), mode=mode)
+    return flat.reshape(*lead, *flat.shape[-3:])
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(N, H, W, C) -> (N, nW, window*window, C), windows in row-major order."""
+    return rearrange(x, "n (hw wh) (ww wx) c -> n (hw ww) (wh wx) c", wh=window, wx=window)
+
+
+def window_merge(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
+    """(N, nW, window*window, C) -> (N, H, W, C); the inverse of `window_partition`."""
+    return rearrange(
+        windows,
+        "n (hw ww) (wh wx) c -> n (hw wh) (ww wx) c",
+        hw=height // window,
+        ww=width // window,
+        wh=window,
+        wx=window,
+    )
+
+
+def shifted_window_mask(
+    height: int, width: int, window: int, shift: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Additive attention mask (nW, window*window, window*window) for windows shifted by `shift` pixels.
+
+    After rolling the image by -shift, windows at the bottom and right edges hold pixels from up to three
+    regions that were not neighbours; tokens of different regions must not attend to each other. Built from
+    arange so that it follows symbolic sizes under export and compile.
+    """
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    row_region = (rows >= height - window).long() + (rows >= height - shift).long()
+    col_region = (cols >= width - window).long() + (cols >= width - shift).long()
+    region = (row_region[:, None] * 3 + col_region[None, :])[None, :, :, None]  # (1, H, W, 1)
+    region = window_partition(region, window)[0, :, :, 0]  # (nW, window*window)
+    different = region[:, :, None] != region[:, None, :]
+    return torch.zeros(different.shape, device=device).masked_fill(different, float("-inf"))

@@ -1,0 +1,128 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from weather_restore.config import ClipsConfig
+from weather_restore.data.clips import assign_splits, clip_windows, read_manifest, write_clips
+from weather_restore.data.frames import read_frame, write_frame
+from weather_restore.data.records import WEATHERS, VideoRecord
+from weather_restore.errors import ClipError
+
+
+def make_video(root: Path, video_id: str, weather: str, source_video: str, n_frames: int, split=None, ext=".png"):
+    rng = np.random.default_rng(abs(hash(video_id)) % 2**32)
+    inputs, gts = [], []
+    for t in range(n_frames):
+        for kind, paths in (("input", inputs), ("gt", gts)):
+            path = root / video_id / kind / f"{t}{ext}"
+            frame = rng.random((12, 16, 3)).astype(np.float32)
+            if ext == ".png":
+                write_frame(path, frame)
+            else:
+                from PIL import Image
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray((frame * 255).astype(np.uint8)).save(path)
+            paths.append(path)
+    return VideoRecord(
+        video_id=video_id,
+        weather=weather,
+        source="test",
+        source_video=source_video,
+        split=split,
+        input_frames=inputs,
+        gt_frames=gts,
+        params={"beta": 1.0},
+    )
+
+
+@pytest.fixture
+def videos(tmp_path):
+    """Six sources, each filmed in every weather, 25 frames (two clips of 10 and a dropped tail)."""
+    return [
+        make_video(tmp_path / "src", f"{weather}/scene{s}", weather, f"scene{s}", 25)
+        for s in range(6)
+        for weather in WEATHERS
+    ]
+
+
+def test_clip_windows_do_not_overlap_and_drop_the_tail():
+    assert clip_windows(25, 10) == [(0, 10), (10, 20)]
+    assert clip_windows(9, 10) == []
+
+
+def test_no_source_video_is_in_both_splits(tmp_path, videos):
+    cfg = ClipsConfig(clip_len=10, train_per_weather=6, test_per_weather=2)
+    clips = write_clips(videos, cfg, tmp_path / "mwvd")
+    train_sources = {c.source_video for c in clips if c.split == "train"}
+    test_sources = {c.source_video for c in clips if c.split == "test"}
+    assert train_sources and test_sources
+    assert not train_sources & test_sources
+
+
+def test_counts_per_weather_are_as_asked(tmp_path, videos):
+    cfg = ClipsConfig(clip_len=10, train_per_weather=6, test_per_weather=2)
+    clips = write_clips(videos, cfg, tmp_path / "mwvd")
+    for weather in WEATHERS:
+        assert sum(c.weather == weather and c.split == "train" for c in clips) == 6
+        assert sum(c.weather == weather and c.split == "test" for c in clips) == 2
+
+
+def test_too_many_clips_asked_says_how_many_there_are(tmp_path, videos):
+    cfg = ClipsConfig(clip_len=10, train_per_weather=50, test_per_weather=2)
+    with pytest.raises(ClipError, match=r"train/haze: 50 clips asked, the sources supply \d+"):
+        write_clips(videos, cfg, tmp_path / "mwvd")
+    assert not (tmp_path / "mwvd").exists()
+    assert not (tmp_path / ".mwvd.tmp").exists()
+
+
+def test_manifest_matches_the_files_on_disk(tmp_path, videos):
+    cfg = ClipsConfig(clip_len=10, train_per_weather=4, test_per_weather=2)
+    root = tmp_path / "mwvd"
+    clips = write_clips(videos, cfg, root)
+    checksum, listed = read_manifest(root)
+    assert listed == clips and len(checksum) == 64
+    on_disk = {(p.parent.parent.parent.name, p.parent.name) for p in root.glob("*/input/*/0000.png")}
+    assert on_disk == {(c.split, c.id) for c in clips}
+    by_id = {v.video_id: v for v in videos}
+    for clip in clips:
+        for kind in ("input", "gt"):
+            frames = sorted((root / clip.split / kind / clip.id).iterdir())
+            assert [f.name for f in frames] == [f"{i:04d}.png" for i in range(10)]
+        source = by_id[clip.video_id].gt_frames[clip.start + 3]
+        np.testing.assert_array_equal(read_frame(root / clip.split / "gt" / clip.id / "0003.png"), read_frame(source))
+    annotation = (root / "meta_info_test.txt").read_text().splitlines()
+    assert sorted(annotation) == sorted(f"{c.id} 10" for c in clips if c.split == "test")
+    assert all(c.id.startswith(f"{c.weather}") for c in clips)
+
+
+def test_jpeg_sources_become_png_clips(tmp_path):
+    videos = [
+        make_video(tmp_path / "src", f"{w}/v{s}", w, f"v{s}", 10, ext=".jpg") for s in range(2) for w in WEATHERS
+    ]
+    cfg = ClipsConfig(clip_len=10, train_per_weather=1, test_per_weather=1)
+    clips = write_clips(videos, cfg, tmp_path / "mwvd")
+    frame = tmp_path / "mwvd" / clips[0].split / "input" / clips[0].id / "0000.png"
+    assert frame.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_split_is_deterministic_by_seed(tmp_path, videos):
+    cfg = ClipsConfig(clip_len=10, train_per_weather=4, test_per_weather=2, seed=3)
+    a = write_clips(videos, cfg, tmp_path / "a")
+    b = write_clips(videos, cfg, tmp_path / "b")
+    assert a == b
+    assert json.loads((tmp_path / "a/manifest.json").read_text()) == json.loads((tmp_path / "b/manifest.json").read_text())
+
+
+def test_dataset_split_is_respected_and_conflicts_are_refused(tmp_path):
+    videos = [
+        make_video(tmp_path, "haze/a", "haze", "a", 10, split="train"),
+        make_video(tmp_path, "haze/b", "haze", "b", 10, split="test"),
+    ]
+    assignment = assign_splits(videos, ClipsConfig(clip_len=10, train_per_weather=1, test_per_weather=1))
+    assert assignment == {"a": "train", "b": "test"}
+    conflicting = videos + [make_video(tmp_path, "haze/a2", "haze", "a", 10, split="test")]
+    with pytest.raises(ClipError, match="source video a is in both train and test"):
+        assign_splits(conflicting, ClipsConfig())

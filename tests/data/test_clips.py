@@ -99,9 +99,7 @@ def test_manifest_matches_the_files_on_disk(tmp_path, videos):
 
 
 def test_jpeg_sources_become_png_clips(tmp_path):
-    videos = [
-        make_video(tmp_path / "src", f"{w}/v{s}", w, f"v{s}", 10, ext=".jpg") for s in range(2) for w in WEATHERS
-    ]
+    videos = [make_video(tmp_path / "src", f"{w}/v{s}", w, f"v{s}", 10, ext=".jpg") for s in range(2) for w in WEATHERS]
     cfg = ClipsConfig(clip_len=10, train_per_weather=1, test_per_weather=1)
     clips = write_clips(videos, cfg, tmp_path / "mwvd")
     frame = tmp_path / "mwvd" / clips[0].split / "input" / clips[0].id / "0000.png"
@@ -113,7 +111,9 @@ def test_split_is_deterministic_by_seed(tmp_path, videos):
     a = write_clips(videos, cfg, tmp_path / "a")
     b = write_clips(videos, cfg, tmp_path / "b")
     assert a == b
-    assert json.loads((tmp_path / "a/manifest.json").read_text()) == json.loads((tmp_path / "b/manifest.json").read_text())
+    assert json.loads((tmp_path / "a/manifest.json").read_text()) == json.loads(
+        (tmp_path / "b/manifest.json").read_text()
+    )
 
 
 def test_dataset_split_is_respected_and_conflicts_are_refused(tmp_path):

@@ -242,3 +242,15 @@ def read_manifest(root: Path) -> tuple[str, list[Clip]]:
         raise ClipError(f"{path}: no manifest; run the split stage first (weather-restore split)")
     data = json.loads(path.read_text())
     return data["checksum"], [Clip.model_validate(row) for row in data["clips"]]
+
+
+def clip_frames(root: Path, clip: Clip, kind: str) -> list[Path]:
+    """Frame files of one written clip, `kind` 'input' (degraded) or 'gt' (clean)."""
+    return [Path(root) / clip.split / kind / clip.id / f"{i:04d}.png" for i in range(clip.stop - clip.start)]
+
+
+def load_clip(root: Path, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
+    """(degraded, clean) of one written clip, each (T, H, W, 3) float32 in [0, 1]."""
+    degraded = np.stack([read_frame(p) for p in clip_frames(root, clip, "input")])
+    clean = np.stack([read_frame(p) for p in clip_frames(root, clip, "gt")])
+    return degraded, clean

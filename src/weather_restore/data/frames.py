@@ -24,7 +24,10 @@ def list_frames(folder: Path) -> list[Path]:
     """Image files of a folder in natural order; a missing folder is a DataError naming it."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
-    frames = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
+    # Hidden files such as macOS's '._0001.jpg' carry image suffixes but are not images.
+    frames = [
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".")
+    ]
     return sorted(frames, key=lambda p: natural_key(p.name))
 
 
@@ -33,7 +36,7 @@ def read_frame(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise DataError(f"{path}: cannot read the frame ({error})") from None
     return rgb.astype(np.float32) / 255.0
 
@@ -44,7 +47,7 @@ def frame_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             image.verify()
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise DataError(f"{path}: cannot read the frame ({error})") from None
     return height, width
 

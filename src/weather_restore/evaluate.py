@@ -1,0 +1,196 @@
+"""Stage `evaluate`: restore every test clip and measure PSNR, SSIM and LPIPS per clip, weather and overall.
+
+The degraded input is measured against the ground truth in the same way, so the gain is visible. Outputs:
+`reports/<model>/metrics.json` (DVC metrics), `reports/<model>/clips.csv` and `reports/<model>/samples.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from weather_restore.data.clips import Clip, load_clip, read_manifest
+from weather_restore.data.frames import to_uint8
+from weather_restore.data.records import WEATHERS
+from weather_restore.inference import is_video_model, restore_clip
+from weather_restore.metrics import LPIPSMetric, count_flops, psnr, ssim
+from weather_restore.progress import progress
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("psnr", "ssim", "lpips", "input_psnr", "input_ssim", "input_lpips")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept and len(kept) == len(values) else None
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Average per-clip rows (each already a mean over its frames) into one row of METRIC_KEYS."""
+    return {key: _mean([row[key] for row in rows]) for key in METRIC_KEYS}
+
+
+def evaluate_clip(
+    model: nn.Module, model_name: str, degraded: torch.Tensor, clean: torch.Tensor, lpips_metric: LPIPSMetric
+) -> tuple[dict[str, float | None], torch.Tensor, float]:
+    """Metrics of one clip (frames averaged), the restored clip, and the seconds the model took."""
+    start = time.perf_counter()
+    restored = restore_clip(model, model_name, degraded)
+    if restored.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    restored, degraded, clean = restored.float().cpu(), degraded.cpu(), clean.cpu()
+    lpips_out, lpips_in = lpips_metric(restored, clean), lpips_metric(degraded, clean)
+    row = {
+        "psnr": psnr(restored, clean).mean().item(),
+        "ssim": ssim(restored, clean).mean().item(),
+        "lpips": None if lpips_out is None else lpips_out.mean().item(),
+        "input_psnr": psnr(degraded, clean).mean().item(),
+        "input_ssim": ssim(degraded, clean).mean().item(),
+        "input_lpips": None if lpips_in is None else lpips_in.mean().item(),
+    }
+    return row, restored, seconds
+
+
+def model_cost(model: nn.Module, model_name: str, frames: int, size: tuple[int, int], device: torch.device) -> float:
+    """GFLOPs of restoring `frames` frames of `size` (the video model in one clip, the image model per frame)."""
+    shape = (1, frames, 3, *size) if is_video_model(model_name) else (frames, 3, *size)
+    return count_flops(model, torch.zeros(shape, device=device))["flops"] / 1e9
+
+
+def samples_picture(samples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: Path) -> None:
+    """One row per weather: input | output | ground truth (the middle frame of one clip)."""
+    tiles = [[to_uint8(img) for img in (degraded, restored, clean)] for _, degraded, restored, clean in samples]
+    height, width = tiles[0][0].shape[:2]
+    label = 14
+    canvas = Image.new("RGB", (3 * width, len(tiles) * (height + label)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, ((weather, *_), row) in enumerate(zip(samples, tiles, strict=True)):
+        top = r * (height + label)
+        for c, (name, tile) in enumerate(zip(("input", "output", "ground truth"), row, strict=True)):
+            canvas.paste(Image.fromarray(tile), (c * width, top + label))
+            draw.text((c * width + 2, top + 1), f"{weather}: {name}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def evaluate_model(
+    model: nn.Module,
+    model_name: str,
+    data_root: Path,
+    reports_dir: Path,
+    *,
+    max_clips: int = 0,
+    use_lpips: bool = True,
+    flops_size: tuple[int, int] = (128, 128),
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate on the test split and write metrics.json, clips.csv and samples.png into `reports_dir`."""
+    device = torch.device(device)
+    manifest_checksum, clips = read_manifest(data_root)
+    test: list[Clip] = [c for c in clips if c.split == "test"]
+    if max_clips:
+        test = test[:max_clips]
+    model = model.to(device).eval()
+    lpips_metric = LPIPSMetric(device) if use_lpips else LPIPSMetric.disabled("LPIPS turned off in params")
+    rows, samples, seconds, frames = [], {}, 0.0, 0
+    for clip in progress(test, total=len(test), desc=f"evaluating {model_name}", unit="clip"):
+        degraded_np, clean_np = load_clip(data_root, clip)
+        degraded = torch.from_numpy(degraded_np).permute(0, 3, 1, 2).to(device)
+        clean = torch.from_numpy(clean_np).permute(0, 3, 1, 2)
+        row, restored, took = evaluate_clip(model, model_name, degraded, clean, lpips_metric)
+        seconds += took
+        frames += degraded.shape[0]
+        rows.append({"clip": clip.id, "weather": clip.weather, "source_video": clip.source_video, **row})
+        if clip.weather not in samples:
+            middle = degraded.shape[0] // 2
+            samples[clip.weather] = (
+                clip.weather,
+                degraded_np[middle],
+                restored[middle].permute(1, 2, 0).numpy(),
+                clean_np[middle],
+            )
+    if not rows:
+        raise ValueError(f"{data_root}: the test split has no clips")
+    metrics: dict[str, Any] = {
+        "overall": summarise(rows),
+        "per_weather": {
+            w: summarise([r for r in rows if r["weather"] == w])
+            for w in WEATHERS
+            if any(r["weather"] == w for r in rows)
+        },
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": model_cost(model, model_name, 10, flops_size, device),
+        "fps": frames / seconds,
+        "device": device.type,
+        "clips": len(rows),
+        "lpips_note": lpips_metric.reason or None,
+        "manifest_checksum": manifest_checksum,
+    }
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(reports_dir / "clips.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["clip", "weather", "source_video", *METRIC_KEYS])
+        writer.writeheader()
+        writer.writerows(rows)
+    samples_picture([samples[w] for w in WEATHERS if w in samples], reports_dir / "samples.png")
+    overall = metrics["overall"]
+    log.info(
+        "%s: PSNR %.2f dB (input %.2f), SSIM %.4f (input %.4f), %.1f frames/s on %s",
+        model_name,
+        overall["psnr"],
+        overall["input_psnr"],
+        overall["ssim"],
+        overall["input_ssim"],
+        metrics["fps"],
+        device.type,
+    )
+    return metrics
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def compare_table(metrics_by_model: dict[str, dict[str, Any]]) -> str:
+    """reports/compare.md: every evaluated model per weather, with the degraded input as the baseline."""
+    lines = [
+        "# Model comparison on the test split",
+        "",
+        "PSNR (dB) and SSIM on RGB in [0, 1], per frame, averaged per clip then per weather; LPIPS (AlexNet) "
+        "where its weights are cached. `input` is the degraded clip against the ground truth.",
+        "",
+        "| model | weather | PSNR | SSIM | LPIPS | input PSNR | input SSIM | params | GFLOPs (10x128²) | frames/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, metrics in metrics_by_model.items():
+        groups = [("overall", metrics["overall"])] + list(metrics["per_weather"].items())
+        for weather, row in groups:
+            lines.append(
+                f"| {name} | {weather} | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 4)} | {_fmt(row['lpips'], 4)} "
+                f"| {_fmt(row['input_psnr'], 2)} | {_fmt(row['input_ssim'], 4)} | {metrics['params']:,} "
+                f"| {metrics['gflops']:.1f} | {metrics['fps']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(reports_root: Path, models: list[str]) -> Path:
+    """Gather reports/<model>/metrics.json of the given models into reports/compare.md."""
+    found = {}
+    for name in models:
+        path = reports_root / name / "metrics.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    out = reports_root / "compare.md"
+    out.write_text(compare_table(found))
+    return out

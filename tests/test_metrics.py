@@ -22,7 +22,9 @@ def as_hwc(tensor):
 def test_psnr_equals_scikit_image_per_frame(frames):
     restored, clean = frames
     ours = psnr(restored, clean)
-    reference = [peak_signal_noise_ratio(as_hwc(c), as_hwc(r), data_range=1.0) for r, c in zip(restored, clean)]
+    reference = [
+        peak_signal_noise_ratio(as_hwc(c), as_hwc(r), data_range=1.0) for r, c in zip(restored, clean, strict=True)
+    ]
     np.testing.assert_allclose(ours.numpy(), reference, rtol=1e-8)
     assert ours[0] > ours[3]
 
@@ -31,8 +33,10 @@ def test_ssim_equals_scikit_image_per_frame(frames):
     restored, clean = frames
     ours = ssim(restored, clean)
     reference = [
-        structural_similarity(as_hwc(c).astype(np.float64), as_hwc(r).astype(np.float64), data_range=1.0, channel_axis=-1)
-        for r, c in zip(restored, clean)
+        structural_similarity(
+            as_hwc(c).astype(np.float64), as_hwc(r).astype(np.float64), data_range=1.0, channel_axis=-1
+        )
+        for r, c in zip(restored, clean, strict=True)
     ]
     np.testing.assert_allclose(ours.numpy(), reference, rtol=1e-7, atol=1e-9)
 

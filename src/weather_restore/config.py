@@ -44,27 +44,42 @@ class HazeConfig(Section):
 
 
 class RainConfig(Section):
-    """Moving streak layers over an accumulation veil: I = clip(J + w S) t + A (1 - t)."""
+    """Moving streak layers over an accumulation veil: I = clip(J + w S) t + A (1 - t).
+
+    Lengths and speeds are in pixels of a frame whose shorter side is `reference_size`, and scale with the
+    frame, so rain looks alike at 128 and at 512 pixels. Layers farther away have shorter, thinner, fainter
+    and slower streaks; veil_beta [0, 0] gives streaks only (t = 1).
+    """
 
     streak_length: Range = (20.0, 60.0)
     angle: float = Field(10.0, ge=0, le=45, description="max |angle| from vertical, degrees, per video")
     angle_jitter: float = Field(2.0, ge=0, le=10, description="per-frame jitter of the angle, degrees")
     layers: tuple[int, int] = (2, 3)
-    density: Range = (0.002, 0.006)
+    density: Range = Field((0.002, 0.006), description="drops per pixel, all layers together")
+    intensity: Range = Field((0.25, 0.6), description="peak brightness w S of the nearest streaks")
+    fall_speed: Range = Field((0.25, 0.45), description="advection per frame, in streak lengths")
     veil_beta: Range = (0.0, 2.5)
     airlight: Range = (0.25, 0.95)
+    reference_size: int = Field(128, ge=16, description="frame side (px) at which lengths are given")
 
 
 class SnowConfig(Section):
-    """A persistent particle system over a light veil: I = (J t + A (1 - t)) (1 - z) + K z."""
+    """A persistent particle system over a light veil: I = (J t + A (1 - t)) (1 - z) + K z.
 
-    flakes: Range = (300.0, 1500.0)
+    K is raised to the background where that is brighter, so flakes never darken a white sky. Radii, speeds
+    and wind are in pixels (per frame) of a frame whose shorter side is `reference_size`, and scale with the
+    frame. The nearest layer has the largest, fastest flakes; the farthest has radius[0].
+    """
+
+    density: Range = Field((50.0, 250.0), description="flakes per 10,000 px, all layers together")
+    layers: tuple[int, int] = (2, 3)
     radius: Range = (1.0, 6.0)
     speed: Range = (2.0, 10.0)
     wind: Range = (-3.0, 3.0)
     brightness: Range = (0.85, 1.0)
     veil_beta: Range = (0.5, 2.0)
     airlight: Range = (0.75, 0.95)
+    reference_size: int = Field(128, ge=16, description="frame side (px) at which sizes and speeds are given")
 
 
 class SyntheticConfig(Section):
@@ -92,7 +107,9 @@ class SyntheticConfig(Section):
 class SourceConfig(Section):
     """One dataset to import. `kind` picks the importer; `root` is the dataset's folder."""
 
-    kind: Literal["mwvd", "rainsynall100", "hazeworld", "rvsd"]
+    kind: Literal["mwvd", "rainsynall100", "hazeworld", "rvsd", "folders"] = Field(
+        description="folders: <Set>/{Train,Test}/<video>/ with <Set>/{Train,Test}_GT/<video>/"
+    )
     root: Path
     weather: Literal["haze", "rain", "snow"] | None = Field(
         None, description="weather of every clip, for datasets of one weather (mwvd may map per clip)"
@@ -162,20 +179,29 @@ class ModelsConfig(Section):
 
 
 class TrainConfig(Section):
+    """One model's training recipe (Adam, cosine annealing to lr_min over the iterations, random crops,
+    flips and 90-degree rotations). `batch_size` is global: under torchrun each process takes its share."""
+
     iterations: int = Field(300, ge=1)
-    batch_size: int = Field(2, ge=1)
-    crop: int = Field(64, ge=8)
-    clip_frames: int = Field(10, ge=1, description="frames per training clip for DynStaticNet")
+    batch_size: int = Field(1, ge=1, description="clips (DynStaticNet) or frames (DwGN) per step, all processes")
+    crop: int = Field(64, ge=8, description="side of the random square crop")
+    clip_frames: int = Field(5, ge=1, description="frames per training clip (DynStaticNet)")
     lr: float = Field(2e-4, gt=0)
-    lr_min: float = Field(1e-7, ge=0)
+    lr_min: float = Field(1e-7, ge=0, description="learning rate reached at the last iteration (cosine)")
     betas: tuple[float, float] = (0.9, 0.999)
     loss: Literal["psnr", "charbonnier", "l1"] = "psnr"
     seed: int = Field(0, ge=0)
-    workers: int = Field(1, ge=0)
+    workers: int = Field(1, ge=0, description="data-loading processes; 0 = in the training process")
+    log_every: int = Field(1, ge=1, description="iterations between loss/lr rows (train.csv, MLflow)")
     checkpoint_every: int = Field(50, ge=1)
     validate_every: int = Field(100, ge=1)
-    compile: bool = False
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    val_clips: int = Field(3, ge=1, description="test clips (spread over the weathers) in the validation PSNR")
+    val_frames: int = Field(5, ge=1, description="frames of each validation clip, full size")
+    compile: bool = Field(False, description="torch.compile the model (needs a C++ compiler on CPU)")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="autocast precision; auto = bf16 on GPUs that support it, else fp16; off on CPU"
+    )
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower; for tests)")
 
     @model_validator(mode="after")
     def _lr(self) -> TrainConfig:
@@ -185,6 +211,10 @@ class TrainConfig(Section):
 
 
 class TrainingConfig(Section):
+    """Per model; the defaults are the quickstart (minutes on a 2-core CPU). The papers' full schedule:
+    DynStaticNet 500,000 iterations, batch 8 (1 per GPU), crop 128, 10-frame clips, cosine 2e-4 -> 1e-7, PSNR loss;
+    DwGN 600 epochs, batch 8, crop 128, cosine 2e-4 -> 1e-6, L1 loss."""
+
     dynstaticnet: TrainConfig = TrainConfig()
     dwgn: TrainConfig = TrainConfig(batch_size=8, loss="l1", lr_min=1e-6)
 
@@ -202,9 +232,13 @@ class ExportConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = "weather-restore"
-    store: Path = Path("mlflow.db")
-    artifacts: Path = Path("mlartifacts")
+    """MLflow: one run per training. With no MLFLOW_TRACKING_URI, an embedded store in the project
+    (`mlflow ui --backend-store-uri sqlite:///mlflow.db` opens it); paths are relative to the project root."""
+
+    enabled: bool = Field(True, description="false: no MLflow run (quick experiments, tests)")
+    experiment: str = Field("weather-restore", min_length=1)
+    store: Path = Field(Path("mlflow.db"), description="SQLite file of the embedded store")
+    artifacts: Path = Field(Path("mlartifacts"), description="artifact folder of the embedded store")
 
 
 class RegistryConfig(Section):

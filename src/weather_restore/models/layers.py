@@ -96,3 +96,19 @@ def shifted_window_mask(
     region = window_partition(region, window)[0, :, :, 0]  # (nW, window*window)
     different = region[:, :, None] != region[:, None, :]
     return torch.zeros(different.shape, device=device).masked_fill(different, float("-inf"))
+
+
+def mirror_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the last two dims of x at the bottom/right to multiples of `multiple` by mirroring.
+
+    Equals reflection padding wherever it fits; frames smaller than the pad are mirrored again (a b c b a b ..).
+    Unlike `pad_to_multiple`, nothing branches on a size: the indices come from arange arithmetic, so an
+    exported graph (torch.export, ONNX) keeps height and width dynamic instead of baking in the padding mode.
+    """
+    for dim in (-2, -1):
+        size = x.shape[dim]
+        index = torch.arange((size + multiple - 1) // multiple * multiple, device=x.device)
+        period = (torch.zeros((), dtype=torch.long, device=x.device) + 2 * size - 2).clamp(min=1)
+        index = index.remainder(period)
+        x = x.index_select(dim, torch.minimum(index, period - index))  # fold the way back of each period
+    return x

@@ -1,0 +1,78 @@
+"""The shared layers: Haar DWT, channel LayerNorm, mirror padding, windows and the shifted-window mask."""
+
+import torch
+import torch.nn.functional as F
+
+from weather_restore.models.layers import (
+    ChannelLayerNorm,
+    HaarDWT,
+    mirror_pad_to_multiple,
+    shifted_window_mask,
+    window_merge,
+    window_partition,
+)
+
+
+def test_haar_dwt_equals_the_formula():
+    x = torch.randn(2, 3, 6, 10, generator=torch.Generator().manual_seed(0))
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    bands = [(a + b + c + d) / 2, (a + b - c - d) / 2, (a - b + c - d) / 2, (a - b - c + d) / 2]
+    expected = torch.stack(bands, dim=2).flatten(1, 2)  # channel k's sub-bands at 4k..4k+3
+    torch.testing.assert_close(HaarDWT(3)(x), expected)
+
+
+def test_haar_dwt_has_no_parameters_and_preserves_energy():
+    dwt = HaarDWT(4)
+    x = torch.randn(1, 4, 8, 8)
+    assert not list(dwt.parameters())
+    torch.testing.assert_close(dwt(x).pow(2).sum(), x.pow(2).sum())  # orthonormal
+
+
+def test_channel_layer_norm_equals_layer_norm_over_channels():
+    norm = ChannelLayerNorm(5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 5, 4, 3)
+    expected = F.layer_norm(x.permute(0, 2, 3, 1), (5,), norm.weight, norm.bias).permute(0, 3, 1, 2)
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_window_partition_then_merge_is_identity():
+    x = torch.randn(2, 16, 24, 3)
+    windows = window_partition(x, 8)
+    assert windows.shape == (2, 6, 64, 3)
+    torch.testing.assert_close(windows[0, 1].reshape(8, 8, 3), x[0, :8, 8:16])  # row-major windows
+    torch.testing.assert_close(window_merge(windows, 8, 16, 24), x)
+
+
+def test_mirror_padding_reflects_where_it_fits_and_mirrors_again_beyond():
+    x = torch.randn(1, 2, 3, 20, 45)
+    padded = mirror_pad_to_multiple(x, 32)
+    assert padded.shape == (1, 2, 3, 32, 64)
+    flat = x.flatten(0, 1)
+    torch.testing.assert_close(padded.flatten(0, 1), F.pad(flat, (0, 19, 0, 12), mode="reflect"))
+    tiny = torch.arange(3.0).view(1, 1, 1, 3)
+    assert mirror_pad_to_multiple(tiny, 8)[0, 0, 0].tolist() == [0, 1, 2, 1, 0, 1, 2, 1]
+    assert mirror_pad_to_multiple(torch.ones(1, 1, 1, 1), 4).shape == (1, 1, 4, 4)
+
+
+def test_mirror_padding_leaves_multiples_alone():
+    x = torch.randn(1, 3, 32, 64)
+    assert torch.equal(mirror_pad_to_multiple(x, 32), x)
+
+
+def test_shifted_mask_blocks_attention_between_wrapped_regions():
+    height, width, window, shift = 16, 24, 8, 4
+    mask = shifted_window_mask(height, width, window, shift)
+    assert mask.shape == ((height // window) * (width // window), window * window, window * window)
+    # after rolling by -shift, the last `shift` rows and columns hold pixels wrapped from the opposite edge
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    wrapped = torch.stack([rows >= height - shift, cols >= width - shift], dim=-1).long()  # (H, W, 2)
+    labels = window_partition(wrapped[None], window)[0]  # (nW, L, 2)
+    for w in range(mask.shape[0]):
+        neighbours = (labels[w][:, None, :] == labels[w][None, :, :]).all(dim=-1)
+        assert torch.equal(mask[w] == 0, neighbours)
+        assert torch.all(mask[w][~neighbours] == float("-inf"))
+    assert torch.all(mask[0] == 0)  # windows away from the edges are whole

@@ -239,6 +239,11 @@ class TrackingConfig(Section):
     experiment: str = Field("weather-restore", min_length=1)
     store: Path = Field(Path("mlflow.db"), description="SQLite file of the embedded store")
     artifacts: Path = Field(Path("mlartifacts"), description="artifact folder of the embedded store")
+    model_format: Literal["auto", "pickle"] = Field(
+        "auto",
+        description="auto: a torch.export graph (pt2) when it holds for every input shape, else pickle; "
+        "pickle: skip the export attempt",
+    )
 
 
 class RegistryConfig(Section):

@@ -19,3 +19,7 @@ class ClipError(DataError):
 
 class ModelFileError(WeatherRestoreError):
     """A checkpoint, ONNX file or registry URI does not hold the model that was asked for."""
+
+
+class TrainingError(WeatherRestoreError):
+    """Training cannot go on: a non-finite loss, or a batch size that does not divide among the processes."""

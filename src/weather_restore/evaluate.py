@@ -21,6 +21,7 @@ from torch import nn
 from weather_restore.data.clips import Clip, load_clip, read_manifest
 from weather_restore.data.frames import to_uint8
 from weather_restore.data.records import WEATHERS
+from weather_restore.errors import ModelFileError
 from weather_restore.inference import is_video_model, restore_clip
 from weather_restore.metrics import LPIPSMetric, count_flops, psnr, ssim
 from weather_restore.progress import progress
@@ -156,6 +157,43 @@ def evaluate_model(
         device.type,
     )
     return metrics
+
+
+def load_for_evaluation(
+    model_name: str, checkpoint: Path, model_uri: str | None, device: torch.device, tracking_uri: str | None = None
+) -> nn.Module:
+    """The model to evaluate: a registry/MLflow URI (its PyTorch flavour) or a training checkpoint."""
+    if model_uri:
+        import mlflow.pytorch
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        return mlflow.pytorch.load_model(model_uri, map_location=device)
+    from weather_restore.checkpoint import load_checkpoint, load_model
+
+    name = load_checkpoint(checkpoint).get("model_name", model_name)
+    if name != model_name:
+        raise ModelFileError(f"{checkpoint}: holds a {name} model, not {model_name}")
+    return load_model(checkpoint, device)
+
+
+def log_evaluation(run_json: Path, metrics: dict[str, Any], reports_dir: Path) -> None:
+    """Log test metrics (overall and per weather) and the report files into the training's MLflow run."""
+    import mlflow
+
+    from weather_restore.tracking import read_run_info
+
+    info = read_run_info(run_json)
+    flat = {f"test_{key}": value for key, value in metrics["overall"].items() if value is not None}
+    for weather, row in metrics["per_weather"].items():
+        flat.update({f"test_{key}_{weather}": value for key, value in row.items() if value is not None})
+    flat.update(test_fps=metrics["fps"], gflops=metrics["gflops"])
+    client = mlflow.MlflowClient(tracking_uri=info.tracking_uri)
+    for key, value in flat.items():
+        client.log_metric(info.run_id, key, float(value))
+    for name in ("metrics.json", "clips.csv", "samples.png"):
+        client.log_artifact(info.run_id, str(reports_dir / name), artifact_path="evaluation")
+    log.info("logged the evaluation to MLflow run %s", info.run_id)
 
 
 def _fmt(value: float | None, digits: int) -> str:

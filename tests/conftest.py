@@ -1,0 +1,192 @@
+"""Shared fixtures: a tiny real MWVD tree (PNG frames, manifest) written by the split stage's own code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from weather_restore.config import ClipsConfig
+from weather_restore.data.clips import write_clips
+from weather_restore.data.frames import write_frame
+from weather_restore.data.records import WEATHERS, VideoRecord
+
+TINY_SIZE = 32
+TINY_FRAMES = 12  # two 6-frame clips per video
+
+
+def degrade(clean: np.ndarray, weather: str, t: int, rng: np.random.Generator) -> np.ndarray:
+    """Simple, learnable stand-ins for the weathers: a haze veil, bright vertical streaks, white flakes."""
+    if weather == "haze":
+        return 0.55 * clean + 0.45 * 0.9
+    degraded = 0.85 * clean + 0.1
+    if weather == "rain":
+        columns = (np.arange(clean.shape[1]) + 3 * t) % 7 == 0
+        degraded[:, columns] = np.minimum(degraded[:, columns] + 0.5, 1.0)
+    else:
+        flakes = rng.random(clean.shape[:2]) < 0.05
+        degraded[flakes] = 1.0
+    return degraded
+
+
+def make_tiny_video(root: Path, weather: str, scene: int) -> VideoRecord:
+    """A smooth colour pattern drifting one pixel per frame, and its degraded twin, as PNG files."""
+    rng = np.random.default_rng([scene, WEATHERS.index(weather)])
+    y, x = np.mgrid[0:TINY_SIZE, 0:TINY_SIZE] / TINY_SIZE
+    phase = rng.random(3) * 2 * np.pi
+    video_id = f"tiny/{weather}/scene{scene}"
+    inputs, gts = [], []
+    for t in range(TINY_FRAMES):
+        clean = np.stack(
+            [0.5 + 0.4 * np.sin(2 * np.pi * (x + t / TINY_SIZE) * (c + 1) + phase[c] + 3 * y) for c in range(3)],
+            axis=-1,
+        ).astype(np.float32)
+        for kind, frame, paths in (("gt", clean, gts), ("input", degrade(clean, weather, t, rng), inputs)):
+            path = root / video_id / kind / f"{t:04d}.png"
+            write_frame(path, np.clip(frame, 0, 1))
+            paths.append(path)
+    return VideoRecord(
+        video_id=video_id,
+        weather=weather,
+        source="tiny",
+        source_video=f"scene{scene}",
+        input_frames=inputs,
+        gt_frames=gts,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mwvd(tmp_path_factory) -> Path:
+    """An MWVD tree of 32x32 frames: per weather 4 train and 2 test clips of 6 frames, split by scene."""
+    root = tmp_path_factory.mktemp("tiny_mwvd")
+    videos = [make_tiny_video(root / "videos", w, s) for s in range(4) for w in WEATHERS]
+    cfg = ClipsConfig(clip_len=6, train_per_weather=4, test_per_weather=2, test_fraction=0.25)
+    write_clips(videos, cfg, root / "mwvd")
+    return root / "mwvd"
+
+
+TINY_MODELS = {
+    "dynstaticnet": {"dim": 8, "blocks": [1, 1, 1], "refinement_blocks": 1, "heads": [1, 1, 1], "refinement_heads": 1},
+    # DwGN needs dim >= 16 (its mixing layer has dim/16 channels); window 4 halves the padding of 16-pixel crops;
+    # one block at the top of the encoder and one at the top of the decoder keep a training step near 0.05 s.
+    "dwgn": {
+        "dim": 16,
+        "head_dim": 16,
+        "window": 4,
+        "encoder_blocks": [1, 0, 0],
+        "bottleneck_blocks": 0,
+        "decoder_blocks": [0, 0, 1],
+    },
+}
+TINY_TRAINING = {
+    "iterations": 6,
+    "batch_size": 2,
+    "crop": 16,
+    "clip_frames": 3,
+    "lr": 1e-3,
+    "workers": 0,
+    "checkpoint_every": 3,
+    "validate_every": 3,
+    "val_clips": 2,
+    "val_frames": 2,
+    "deterministic": True,
+}
+
+
+@pytest.fixture
+def tiny_models() -> dict:
+    """Constructor arguments of tiny versions of both models (seconds to train on a CPU)."""
+    return TINY_MODELS
+
+
+@pytest.fixture
+def tiny_params_dict():
+    """A factory of params mappings with tiny models and a few-iteration training of `model`, MLflow off."""
+
+    def make(model: str, tracking: bool = False, model_format: str = "auto", **training) -> dict:
+        return {
+            "models": TINY_MODELS,
+            "training": {model: {**TINY_TRAINING, **training}},
+            "tracking": {"enabled": tracking, "model_format": model_format},
+        }
+
+    return make
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: two spinning threads stall badly when a 2-core machine is busy with other work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- a temporary copy of the repository with tiny parameters, for real dvc repro and Prefect runs -------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def project_files() -> list[str]:
+    """Tracked files and untracked ones git does not ignore: what a clean clone of this change holds."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    return [name for name in out.split("\0") if name and (REPO / name).is_file()]
+
+
+def run_command(cmd: list[str], cwd: Path) -> str:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_STUDIO_OFFLINE": "1",
+        "ITERATIVE_DO_NOT_TRACK": "1",
+        "WEATHER_RESTORE_PROGRESS": "0",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture
+def tiny_repo(tmp_path) -> Path:
+    """A git repository holding this project with tiny data parameters."""
+    root = tmp_path / "repo"
+    for name in project_files():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["synthetic"].update(videos_per_weather=3, frames_per_video=20, frame_size=[32, 32])
+    params["data"]["clips"].update(train_per_weather=2, test_per_weather=1)
+    params["models"] = TINY_MODELS
+    params["training"] = {name: dict(TINY_TRAINING) for name in TINY_MODELS}
+    params["evaluation"] = {"max_clips": 0, "lpips": False, "flops_size": [32, 32]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.lock").unlink(missing_ok=True)
+    run_command(["git", "init", "-q"], root)
+    run_command(["git", "add", "-A"], root)
+    run_command(["git", "commit", "-qm", "test copy"], root)
+    return root
+
+
+@pytest.fixture
+def run():
+    """run(cmd, cwd) -> output: a command with this interpreter's tools on PATH; a non-zero exit fails the test."""
+    return run_command

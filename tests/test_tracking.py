@@ -1,0 +1,209 @@
+"""MLflow tracking against real stores: an embedded SQLite store, and a real `mlflow server` on 127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from weather_restore.checkpoint import load_model
+from weather_restore.config import TrackingConfig, parse_params
+from weather_restore.tracking import (
+    RunInfo,
+    flatten,
+    load_logged_model,
+    read_run_info,
+    tracking_uri,
+    write_run_info,
+)
+from weather_restore.train import train
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(autouse=True)
+def quiet_mlflow(monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
+    monkeypatch.setenv("WEATHER_RESTORE_PROGRESS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_the_default_store_is_a_sqlite_file_in_the_project(tmp_path):
+    assert tracking_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_mlflow_tracking_uri_overrides_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:5999"
+
+
+def test_flatten_names_nested_params_by_path():
+    assert flatten({"training": {"dwgn": {"lr": 0.001, "betas": (0.9, 0.99)}}, "model": "dwgn"}) == {
+        "training.dwgn.lr": "0.001",
+        "training.dwgn.betas": "[0.9, 0.99]",
+        "model": "dwgn",
+    }
+
+
+def test_run_info_round_trips(tmp_path):
+    info = RunInfo(model="dwgn", run_id="abc", experiment_id="1", experiment="e", tracking_uri="sqlite:///x.db")
+    write_run_info(tmp_path / "models" / "run.json", info)
+    assert read_run_info(tmp_path / "models" / "run.json") == info
+
+
+def train_tracked(tiny_mwvd: Path, project: Path, params: dict, model: str = "dwgn"):
+    summary = train(
+        model,
+        parse_params(params),
+        data_root=tiny_mwvd,
+        out_dir=project / "models" / model,
+        reports_dir=project / "reports" / model,
+        project_root=project,
+    )
+    return summary, read_run_info(project / "models" / model / "run.json")
+
+
+def check_run(info: RunInfo, project: Path, model: str, iterations: int) -> None:
+    """The run holds the params, the git commit, per-iteration metrics, and a model equal to the checkpoint's."""
+    import mlflow
+
+    client = mlflow.MlflowClient(info.tracking_uri)
+    run = client.get_run(info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params[f"training.{model}.lr"] == "0.001"
+    assert run.data.params[f"models.{model}.dim"] in {"8", "16"}
+    assert len(run.data.params["data.manifest_checksum"]) == 64
+    assert len(client.get_metric_history(info.run_id, "loss")) == iterations
+    assert [m.step for m in client.get_metric_history(info.run_id, "val_psnr")] == [3, 6]
+    assert "data_wait_fraction" in run.data.metrics
+    assert {"train.csv", "validation.csv"} <= {a.path for a in client.list_artifacts(info.run_id)}
+    assert run.data.tags["model_format"] in {"pt2", "pickle"}
+
+    logged = load_logged_model(info.model_uri)
+    trained = load_model(project / "models" / model / "checkpoint.pt")
+    video = model == "dynstaticnet"
+    for shape in ((2, 2, 3, 32, 32), (3, 3, 3, 40, 72)) if video else ((2, 3, 32, 32), (3, 3, 40, 72)):
+        probe = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.allclose(logged(probe), trained(probe), atol=1e-5)
+
+
+def test_a_run_in_the_embedded_sqlite_store(tiny_mwvd, tmp_path, tiny_params_dict, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter: nothing lands in ./mlruns
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    (project / "README").write_text("test\n")
+    subprocess.run(["git", "add", "README"], cwd=project, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "x"],
+        cwd=project,
+        check=True,
+    )
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+
+    summary, info = train_tracked(tiny_mwvd, project, tiny_params_dict("dwgn", tracking=True))
+
+    assert info.tracking_uri == f"sqlite:///{project.resolve()}/mlflow.db"
+    assert info.run_id == summary.run_id
+    check_run(info, project, "dwgn", 6)
+    import mlflow
+
+    run = mlflow.MlflowClient(info.tracking_uri).get_run(info.run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.info.artifact_uri.startswith((project / "mlartifacts").resolve().as_uri())
+    assert not (project / "mlruns").exists() and not Path("mlruns").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder; yields its URL."""
+    port = free_port()
+    folder = tmp_path / "server"
+    folder.mkdir()
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+    ]  # fmt: skip
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log.close()
+            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    log.close()
+
+
+def test_a_run_on_a_real_mlflow_server(tiny_mwvd, tmp_path, tiny_params_dict, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    project = tmp_path / "project"
+    project.mkdir()
+    # The export attempt is tested with the SQLite store; here the model goes straight to the pickled format.
+    params = tiny_params_dict("dynstaticnet", tracking=True, model_format="pickle")
+    summary, info = train_tracked(tiny_mwvd, project, params, "dynstaticnet")
+
+    assert info.tracking_uri == mlflow_server
+    check_run(info, project, "dynstaticnet", 6)
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
+    assert any((tmp_path / "server" / "artifacts").rglob("MLmodel"))
+
+
+def test_a_resumed_training_logs_into_the_same_run(tiny_mwvd, tmp_path, tiny_params_dict):
+    from weather_restore.checkpoint import load_checkpoint, save_checkpoint
+
+    project = tmp_path / "project"
+    params = tiny_params_dict("dwgn", tracking=True, model_format="pickle", iterations=4, checkpoint_every=2)
+    _, first = train_tracked(tiny_mwvd, project, params)
+    path = project / "models" / "dwgn" / "checkpoint.pt"
+    save_checkpoint(path, {**load_checkpoint(path), "iteration": 2})  # as if killed after iteration 2
+    summary, second = train_tracked(tiny_mwvd, project, params)
+
+    assert summary.start_iteration == 2
+    assert second.run_id == first.run_id
+    import mlflow
+
+    run = mlflow.MlflowClient(second.tracking_uri).get_run(second.run_id)
+    assert run.data.tags["resumed_from_iteration"] == "2"
+    assert run.info.status == "FINISHED"

@@ -1,0 +1,214 @@
+"""The train stage on a tiny real MWVD tree: learning, checkpoints, resume after SIGKILL, torchrun, failures."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from weather_restore.checkpoint import load_checkpoint, save_checkpoint
+from weather_restore.config import parse_params
+from weather_restore.data.dataset import ClipDataset, FrameDataset
+from weather_restore.errors import ModelFileError, TrainingError
+from weather_restore.losses import LOSSES
+from weather_restore.models import build_model
+from weather_restore.train import train, train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def run_train(params: dict, model: str, tiny_mwvd: Path, tmp_path: Path, **kwargs):
+    return train(
+        model,
+        parse_params(params),
+        data_root=tiny_mwvd,
+        out_dir=tmp_path / "models" / model,
+        reports_dir=tmp_path / "reports" / model,
+        project_root=tmp_path,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("model_name", "lr"), [("dynstaticnet", 3e-3), ("dwgn", 2e-3)])
+def test_a_tiny_model_overfits_one_batch(tiny_mwvd, tiny_models, model_name, lr):
+    torch.manual_seed(0)
+    model = build_model(model_name, **tiny_models[model_name])
+    if model_name == "dynstaticnet":
+        dataset = ClipDataset(tiny_mwvd, "train", frames=2, crop=16)
+    else:
+        dataset = FrameDataset(tiny_mwvd, "train", crop=16)
+    samples = [dataset[(i, (0, i))] for i in (0, len(dataset) // 2)]
+    degraded = torch.stack([s["degraded"] for s in samples])
+    clean = torch.stack([s["clean"] for s in samples])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = [train_step(model, degraded, clean, optimizer, LOSSES["l1"]) for _ in range(120)]
+    assert min(losses[-5:]) < losses[0] / 10, f"L1 went from {losses[0]:.4f} to {losses[-1]:.4f}"
+
+
+def test_training_writes_checkpoint_curves_and_validation(tiny_mwvd, tmp_path, tiny_params_dict):
+    summary = run_train(tiny_params_dict("dwgn"), "dwgn", tiny_mwvd, tmp_path)
+    assert summary.start_iteration == 0 and summary.iterations == 6
+    assert 0.0 <= summary.data_wait_fraction < 1.0
+    rows = read_rows(tmp_path / "reports/dwgn/train.csv")
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # cosine annealing
+    validation = read_rows(tmp_path / "reports/dwgn/validation.csv")
+    assert [int(r["iteration"]) for r in validation] == [3, 6]
+    assert float(validation[-1]["val_psnr"]) == pytest.approx(summary.val_psnr, abs=1e-4)
+    state = load_checkpoint(tmp_path / "models/dwgn/checkpoint.pt")
+    assert state["iteration"] == state["iterations"] == 6
+    assert state["model_name"] == "dwgn"
+    model = build_model("dwgn", **state["model_config"])
+    model.load_state_dict(state["model"])
+    assert {"optimizer", "scheduler", "scaler", "rng", "sampler", "config_hash"} <= state.keys()
+
+
+def test_running_a_finished_training_again_starts_afresh(tiny_mwvd, tmp_path, tiny_params_dict):
+    params = tiny_params_dict("dwgn", iterations=2, checkpoint_every=1)
+    run_train(params, "dwgn", tiny_mwvd, tmp_path)
+    again = run_train(params, "dwgn", tiny_mwvd, tmp_path)
+    assert again.start_iteration == 0
+    assert len(read_rows(tmp_path / "reports/dwgn/train.csv")) == 2
+
+
+def test_an_unfinished_checkpoint_of_another_config_is_refused(tiny_mwvd, tmp_path, tiny_params_dict):
+    run_train(tiny_params_dict("dwgn", iterations=2), "dwgn", tiny_mwvd, tmp_path)
+    path = tmp_path / "models/dwgn/checkpoint.pt"
+    save_checkpoint(path, {**load_checkpoint(path), "iteration": 1})  # as if it had crashed after iteration 1
+    with pytest.raises(ModelFileError, match=r"another configuration"):
+        run_train(tiny_params_dict("dwgn", iterations=2, lr=5e-4), "dwgn", tiny_mwvd, tmp_path)
+    resumed = run_train(tiny_params_dict("dwgn", iterations=2, lr=5e-4), "dwgn", tiny_mwvd, tmp_path, restart=True)
+    assert resumed.start_iteration == 0
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_mwvd, tmp_path, tiny_params_dict):
+    params = tiny_params_dict("dwgn", iterations=5, checkpoint_every=1, lr=1e30, loss="psnr")
+    with pytest.raises(TrainingError) as info:
+        run_train(params, "dwgn", tiny_mwvd, tmp_path)
+    message = str(info.value)
+    assert "the loss is" in message and "training.dwgn.lr" in message
+    saved = load_checkpoint(tmp_path / "models/dwgn/checkpoint.pt")["iteration"]
+    assert f"(iteration {saved}) is kept" in message
+
+
+def test_a_batch_that_does_not_divide_among_processes_is_refused(tiny_mwvd, tmp_path, tiny_params_dict, monkeypatch):
+    from weather_restore import train as train_module
+
+    monkeypatch.setattr(train_module, "setup_distributed", lambda: train_module.Distributed(0, 2, torch.device("cpu")))
+    with pytest.raises(TrainingError, match=r"batch_size 3 does not divide among 2 processes"):
+        run_train(tiny_params_dict("dwgn", batch_size=3), "dwgn", tiny_mwvd, tmp_path)
+
+
+# --- real processes: kill and resume, torchrun ---------------------------------------------------------------
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from weather_restore.cli import main; sys.exit(main())", *args]
+
+
+def test_a_training_killed_mid_way_resumes_to_the_same_weights(tiny_mwvd, tmp_path, tiny_params_dict):
+    params = write_params(
+        tmp_path / "params.yaml",
+        tiny_params_dict("dwgn", iterations=40, checkpoint_every=4, validate_every=20, workers=1),
+    )
+    env = {**os.environ, "WEATHER_RESTORE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+    def command(name: str) -> list[str]:
+        return cli(
+            "--params",
+            str(params),
+            "train",
+            "--model",
+            "dwgn",
+            "--data",
+            str(tiny_mwvd),
+            "--out",
+            str(tmp_path / name / "models"),
+            "--reports",
+            str(tmp_path / name / "reports"),
+        )
+
+    subprocess.run(command("whole"), cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    checkpoint = tmp_path / "cut" / "models" / "checkpoint.pt"
+    process = subprocess.Popen(
+        command("cut"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the training ended before it could be killed"
+    killed_at = load_checkpoint(checkpoint)["iteration"]
+    assert 0 < killed_at < 40
+
+    result = subprocess.run(command("cut"), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+    whole = load_checkpoint(tmp_path / "whole" / "models" / "checkpoint.pt")
+    resumed = load_checkpoint(checkpoint)
+    assert resumed["iteration"] == 40
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), f"{name} differs after resuming at {killed_at}"
+    whole_losses = [r["loss"] for r in read_rows(tmp_path / "whole" / "reports" / "train.csv")]
+    cut_losses = [r["loss"] for r in read_rows(tmp_path / "cut" / "reports" / "train.csv")]
+    assert cut_losses == whole_losses
+
+
+def test_two_processes_under_torchrun_follow_the_single_process_loss_curve(tiny_mwvd, tmp_path, tiny_params_dict):
+    """Same global batch (4): two gloo processes of 2 each see exactly the batches one process sees."""
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict("dwgn", iterations=8, batch_size=4))
+    env = {**os.environ, "WEATHER_RESTORE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+    def args(name: str) -> list[str]:
+        return [
+            "--params",
+            str(params),
+            "train",
+            "--model",
+            "dwgn",
+            "--data",
+            str(tiny_mwvd),
+            "--out",
+            str(tmp_path / name / "models"),
+            "--reports",
+            str(tmp_path / name / "reports"),
+        ]
+
+    subprocess.run(cli(*args("one")), cwd=tmp_path, env=env, check=True, capture_output=True)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "weather_restore.cli",
+        *args("two"),
+    ]
+    result = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    one = [float(r["loss"]) for r in read_rows(tmp_path / "one" / "reports" / "train.csv")]
+    two = [float(r["loss"]) for r in read_rows(tmp_path / "two" / "reports" / "train.csv")]
+    assert len(one) == len(two) == 8
+    assert two == pytest.approx(one, rel=1e-3)
+    assert one[-1] < one[0]

@@ -44,6 +44,104 @@ def cmd_split(args: argparse.Namespace, params: Params) -> None:
     print(f"wrote {len(clips)} clips to {out}")
 
 
+def cmd_train(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.train import train
+
+    summary = train(
+        args.model,
+        params,
+        data_root=args.data or params.data.root / "mwvd",
+        out_dir=args.out or Path("models") / args.model,
+        reports_dir=args.reports or Path("reports") / args.model,
+        project_root=Path.cwd(),
+        restart=args.restart,
+    )
+    if summary.main:
+        gain = (
+            f", validation PSNR {summary.val_psnr:.2f} dB (input {summary.val_input_psnr:.2f} dB)"
+            if summary.val_psnr is not None
+            else ""
+        )
+        print(
+            f"trained {summary.model} to iteration {summary.iterations} in {summary.seconds:.0f} s{gain}; "
+            f"data wait {100 * summary.data_wait_fraction:.1f}% of step time; checkpoint {summary.checkpoint}"
+            + (f"; MLflow run {summary.run_id}" if summary.run_id else "")
+        )
+
+
+def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
+    import torch
+
+    from weather_restore.evaluate import evaluate_model, load_for_evaluation, log_evaluation
+
+    model_dir = Path("models") / args.model
+    out = args.out or Path("reports") / args.model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from weather_restore.tracking import tracking_uri
+
+    checkpoint = args.checkpoint or model_dir / "checkpoint.pt"
+    uri = tracking_uri(params.tracking, Path.cwd())
+    model = load_for_evaluation(args.model, checkpoint, args.model_uri, device, uri)
+    cfg = params.evaluation
+    metrics = evaluate_model(
+        model,
+        args.model,
+        args.data or params.data.root / "mwvd",
+        out,
+        max_clips=cfg.max_clips,
+        use_lpips=cfg.lpips,
+        flops_size=tuple(cfg.flops_size),
+        device=device,
+    )
+    run_json = model_dir / "run.json"
+    if not args.model_uri and params.tracking.enabled and run_json.is_file():
+        log_evaluation(run_json, metrics, out)
+    overall = metrics["overall"]
+    print(
+        f"{args.model}: test PSNR {overall['psnr']:.2f} dB (input {overall['input_psnr']:.2f}), SSIM "
+        f"{overall['ssim']:.4f} (input {overall['input_ssim']:.4f}) over {metrics['clips']} clips; "
+        f"{metrics['fps']:.1f} frames/s on {metrics['device']}; wrote {out}/metrics.json"
+    )
+
+
+def cmd_compare(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.evaluate import write_comparison
+
+    path = write_comparison(args.reports, args.models)
+    print(path.read_text())
+
+
+def cmd_restore(args: argparse.Namespace, params: Params) -> None:
+    import torch
+
+    from weather_restore.inference import load_restorer
+    from weather_restore.restore import restore
+    from weather_restore.tracking import tracking_uri
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_restorer(args.model, args.checkpoint, device, tracking_uri(params.tracking, Path.cwd()), args.threads)
+    summary = restore(
+        args.input,
+        args.output,
+        model,
+        tile=args.tile,
+        overlap=args.tile_overlap,
+        stride=args.stride,
+        compare=args.compare,
+        fps=args.fps,
+        crf=args.crf,
+    )
+    notes = "".join(f"; {note}" for note in summary.notes)
+    print(
+        f"restored {summary.frames} frames ({summary.width}x{summary.height}) with {summary.model} "
+        f"({summary.backend}) in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s) -> {summary.output}{notes}"
+    )
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(
         prog="weather-restore",
@@ -85,6 +183,75 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     p.add_argument("--videos", type=Path, help="assembled videos (default: <data.root>/videos)")
     p.add_argument("--out", type=Path, help="output folder (default: <data.root>/mwvd)")
+    p = add(
+        "train",
+        cmd_train,
+        "train one model on the MWVD training clips (resumable; runs under torchrun too)",
+        "Reads params training.<model> and models.<model>, params tracking, and <data.root>/mwvd (manifest.json, "
+        "the train clips and a few test clips for validation). Writes models/<model>/checkpoint.pt (every "
+        "checkpoint_every iterations and at the end; a re-run resumes an unfinished one of the same config), "
+        "models/<model>/run.json (the MLflow run id), reports/<model>/train.csv and validation.csv, and an MLflow "
+        "run (params, git commit, data checksum, loss, lr, validation PSNR, the model) in the store named by "
+        "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db with artifacts in mlartifacts/. Under "
+        "`torchrun --nproc_per_node N` it trains with DistributedDataParallel (training.<model>.batch_size is the "
+        "global batch).",
+    )
+    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to train")
+    p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
+    p.add_argument("--out", type=Path, help="checkpoint and run.json folder (default: models/<model>)")
+    p.add_argument("--reports", type=Path, help="train.csv and validation.csv folder (default: reports/<model>)")
+    p.add_argument("--restart", action="store_true", help="ignore an unfinished checkpoint and start afresh")
+    p = add(
+        "evaluate",
+        cmd_evaluate,
+        "measure a trained model on the test clips (PSNR, SSIM, LPIPS per clip, weather and overall)",
+        "Reads models/<model>/checkpoint.pt (or --checkpoint, or a registry --model-uri), <data.root>/mwvd (the "
+        "test clips) and params evaluation. Writes reports/<model>/metrics.json (overall and per weather, for the "
+        "restored and the degraded input; params, GFLOPs of 10 frames at evaluation.flops_size, frames/s), "
+        "clips.csv and samples.png (input | output | ground truth, one clip per weather), and logs them to the "
+        "training's MLflow run named in models/<model>/run.json. LPIPS needs AlexNet's weights in the local torch "
+        "cache; without them it is reported as unavailable, never downloaded.",
+    )
+    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to evaluate")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: models/<model>/checkpoint.pt)")
+    p.add_argument("--model-uri", help="evaluate an MLflow model instead, e.g. models:/DwGN@champion")
+    p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
+    p.add_argument("--out", type=Path, help="reports folder (default: reports/<model>)")
+    p = add(
+        "compare",
+        cmd_compare,
+        "gather the evaluated models into one table per weather",
+        "Reads reports/<model>/metrics.json of each model. Writes reports/compare.md.",
+    )
+    p.add_argument("--models", nargs="+", default=["dynstaticnet", "dwgn"], help="models to compare")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default: reports)")
+    p = add(
+        "restore",
+        cmd_restore,
+        "restore a video file, a folder of frames or an image with a trained model",
+        "Reads INPUT: a video file (.mp4 .mov .m4v .mkv .avi .webm, decoded by the FFmpeg inside PyAV), a folder "
+        "of frames (.png .jpg .jpeg .bmp .tif .tiff, all one size, natural order) or one image; and the model: "
+        "--model a .pt checkpoint, an .onnx file, a model name (dynstaticnet, dwgn) with --checkpoint PATH, or a "
+        "registry URI models:/DynStaticNet@champion (from MLFLOW_TRACKING_URI, else sqlite:///mlflow.db). "
+        "DynStaticNet restores sliding 10-frame windows blended over time, DwGN each frame; both in overlapping "
+        "tiles blended in space, so any resolution fits in memory. Frames are decoded, restored and encoded as "
+        "they go. Writes OUTPUT, its kind named by its suffix: a video (.mp4 .mov .m4v .mkv .avi; H.264 yuv420p, "
+        "the input's frame rate and time stamps, its audio stream copied when the container takes it), one image, "
+        "or with no suffix a folder of PNG frames (the input frames' names, or 000000.png ... for a video). "
+        "OUTPUT appears under its name only when complete.",
+    )
+    p.add_argument("input", type=Path, help="video file, folder of frames or image")
+    p.add_argument("-o", "--output", type=Path, required=True, help="video file, image, or folder (no suffix)")
+    p.add_argument("--model", required=True, help="a .pt or .onnx file, a model name, or models:/NAME@ALIAS")
+    p.add_argument("--checkpoint", type=Path, help="the .pt or .onnx file of --model NAME")
+    p.add_argument("--device", default="auto", help="PyTorch device: auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--tile", type=int, default=256, help="tile side in pixels; 0: whole frames (default: 256)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="pixels tiles overlap and blend over (default: 32)")
+    p.add_argument("--stride", type=int, default=5, help="frames between DynStaticNet's 10-frame windows (default: 5)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: one per core)")
+    p.add_argument("--compare", action="store_true", help="write input | restored side by side")
+    p.add_argument("--fps", type=float, default=25.0, help="frame rate of a video made from frames (default: 25)")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18)")
     return parser, commands
 
 

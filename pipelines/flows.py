@@ -1,0 +1,277 @@
+"""Prefect flows over the DVC pipeline: DVC decides what is stale and caches; Prefect schedules, retries, reports.
+
+    python -m pipelines.flows                      # the whole pipeline, Prefect's ephemeral mode
+    python -m pipelines.flows --models dwgn --set training.dwgn.iterations=50 --promote
+
+Each task runs one DVC stage (`dvc repro <stage>`) and streams DVC's and the stage's output into the Prefect
+log, so an unchanged stage is skipped by DVC's cache and a failed stage fails the flow with its own message.
+Stages of one repository run one after the other: DVC holds a lock on the repository while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+MODELS = ("dynstaticnet", "dwgn")
+REGISTERED_NAMES = {"dynstaticnet": "DynStaticNet", "dwgn": "DwGN"}
+QUIET_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "DVC_STUDIO_OFFLINE": "1",
+    "ITERATIVE_DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "WEATHER_RESTORE_PROGRESS": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage or CLI command exited non-zero; the message holds the end of its output."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _environment() -> dict[str, str]:
+    # The flow's own interpreter first on PATH, so `dvc` and `weather-restore` are the ones installed with it.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **QUIET_ENV, "PATH": path}
+
+
+def stream(cmd: list[str], cwd: Path, timeout_s: float | None = None) -> tuple[int, list[str]]:
+    """Run a command, sending each output line to the Prefect log as it comes; kill it past `timeout_s`."""
+    logger = get_run_logger()
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    output: list[str] = []
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            if deadline is not None and time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise StageFailed(f"{' '.join(cmd)} ran past its {timeout_s:.0f} s timeout and was stopped") from None
+            continue
+        if line is None:
+            break
+        output.append(line)
+        if line.strip():
+            logger.info(line)
+    return process.wait(), output
+
+
+def _failure(cmd: list[str], code: int, output: list[str]) -> StageFailed:
+    tail = "\n".join(line for line in output[-25:] if line.strip())
+    return StageFailed(f"`{' '.join(cmd)}` failed (exit {code}):\n{tail}")
+
+
+@task(name="dvc-repro", task_run_name="dvc repro {stage}")
+def repro(stage: str, repo: str, timeout_s: float | None = None) -> StageResult:
+    """`dvc repro <stage>`: runs the stage and whatever it depends on, if stale; skips it otherwise."""
+    cmd = ["dvc", "repro", stage]
+    start = time.monotonic()
+    code, output = stream(cmd, Path(repo), timeout_s)
+    if code != 0:
+        raise _failure(cmd, code, output)
+    text = "\n".join(output)
+    return StageResult(
+        stage=stage,
+        ran=re.findall(r"Running stage '([^']+)'", text),
+        skipped=re.findall(r"Stage '([^']+)' didn't change, skipping", text),
+        seconds=time.monotonic() - start,
+    )
+
+
+@task(name="weather-restore", task_run_name="weather-restore {args}")
+def cli(args: list[str], repo: str, allowed_codes: tuple[int, ...] = (0,)) -> tuple[int, str]:
+    """Run a `weather-restore` subcommand in the repository; exit codes outside `allowed_codes` fail."""
+    cmd = ["weather-restore", *args]
+    code, output = stream(cmd, Path(repo))
+    if code not in allowed_codes:
+        raise _failure(cmd, code, output)
+    return code, "\n".join(output)
+
+
+@task(name="set-params")
+def set_params(overrides: dict[str, Any], repo: str) -> dict[str, Any]:
+    """Write dotted overrides (`training.dwgn.iterations: 50`) into params.yaml, after validating the result.
+
+    Comments and order are kept (ruamel round trip), and DVC then records the values in dvc.lock, as
+    `dvc exp run --set-param` would.
+    """
+    from ruamel.yaml import YAML
+
+    from weather_restore.config import parse_params
+
+    path = Path(repo) / "params.yaml"
+    yaml = YAML()
+    document = yaml.load(path.read_text())
+    for dotted, value in overrides.items():
+        node = document
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    plain = json.loads(json.dumps(document, default=list))
+    parse_params(plain, f"{path} with overrides {overrides}")
+    tmp = path.with_name(".params.yaml.tmp")
+    with open(tmp, "w") as handle:
+        yaml.dump(document, handle)
+    os.replace(tmp, path)
+    get_run_logger().info("params.yaml updated: %s", overrides)
+    return overrides
+
+
+def pipeline_stages(repo: Path) -> set[str]:
+    """Stage names defined in dvc.yaml (`train@dwgn` for foreach stages), so the flow follows the pipeline."""
+    import yaml
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    names = set()
+    for name, stage in stages.items():
+        items = stage.get("foreach") if isinstance(stage, dict) else None
+        if isinstance(items, list):
+            names.update(f"{name}@{item}" for item in items)
+        else:
+            names.add(name)
+    return names
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summary_markdown(repo: Path, models: list[str], stages: list[StageResult], decisions: dict[str, str]) -> str:
+    """The run's artifact: the comparison table, MLflow run ids, registry decisions and what DVC ran."""
+    compare = repo / "reports" / "compare.md"
+    lines = [compare.read_text() if compare.is_file() else "_no comparison table (reports/compare.md)_", ""]
+    lines += ["## MLflow", "", "| model | run id | experiment | registry |", "|---|---|---|---|"]
+    for model in models:
+        run = _read_json(repo / "models" / model / "run.json") or {}
+        lines.append(
+            f"| {model} | {run.get('run_id', 'n/a')} | {run.get('experiment', 'n/a')} "
+            f"| {decisions.get(model, 'not registered in this run')} |"
+        )
+    lines += ["", "## Stages", "", "| dvc repro | ran | skipped | seconds |", "|---|---|---|---|"]
+    for result in stages:
+        lines.append(
+            f"| {result.stage} | {', '.join(result.ran) or '-'} | {', '.join(result.skipped) or '-'} "
+            f"| {result.seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="weather-pipeline", log_prints=True)
+def weather_pipeline(
+    models: list[str] | None = None,
+    params: dict[str, Any] | None = None,
+    promote: bool = False,
+    repo: str = ".",
+    train_retries: int = 2,
+    train_timeout_s: float = 6 * 3600,
+    stage_timeout_s: float = 3600,
+) -> dict[str, Any]:
+    """Data, then per model train, evaluate and export; the comparison; optionally register and promote.
+
+    A retried training resumes from its last checkpoint (the train stage does that for the same config).
+    """
+    models = list(models or MODELS)
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    root = str(Path(repo).resolve())
+    if params:
+        set_params(params, root)
+    defined = pipeline_stages(Path(root))
+    results = [repro("split", root, stage_timeout_s)]
+    train = repro.with_options(retries=train_retries, retry_delay_seconds=10)
+    for model in models:
+        results.append(train(f"train@{model}", root, train_timeout_s))
+        for stage in (f"evaluate@{model}", f"export@{model}"):
+            if stage in defined:
+                results.append(repro(stage, root, stage_timeout_s))
+    if "compare" in defined:
+        results.append(repro("compare", root, stage_timeout_s))
+    decisions: dict[str, str] = {}
+    if promote:
+        for model in models:
+            _, registered = cli(["register", "--model", model], root)
+            code, verdict = cli(["promote", "--model", model], root, allowed_codes=(0, 3))
+            last = [line for line in (registered + "\n" + verdict).splitlines() if line.strip()]
+            decisions[model] = ("promoted: " if code == 0 else "refused: ") + (last[-1] if last else "")
+    markdown = summary_markdown(Path(root), models, results, decisions)
+    create_markdown_artifact(markdown=markdown, key="weather-pipeline", description="models compared per weather")
+    return {"stages": [asdict(r) for r in results], "decisions": decisions}
+
+
+@flow(name="evaluate-champions", log_prints=True)
+def evaluate_champions(models: list[str] | None = None, repo: str = ".") -> dict[str, Any]:
+    """Evaluate each model's `champion` registry version on the current test split and report."""
+    models = list(models or MODELS)
+    root = str(Path(repo).resolve())
+    repro("split", root)
+    rows = ["| model | version | PSNR | SSIM | input PSNR |", "|---|---|---|---|---|"]
+    results = {}
+    for model in models:
+        out = Path(root) / "reports" / "champion" / model
+        uri = f"models:/{REGISTERED_NAMES[model]}@champion"
+        cli(["evaluate", "--model", model, "--model-uri", uri, "--out", str(out)], root)
+        metrics = json.loads((out / "metrics.json").read_text())
+        overall = metrics["overall"]
+        results[model] = metrics
+        rows.append(
+            f"| {model} | {uri} | {overall['psnr']:.2f} | {overall['ssim']:.4f} | {overall['input_psnr']:.2f} |"
+        )
+    create_markdown_artifact(markdown="\n".join(rows) + "\n", key="champions", description="champions on test")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the weather-restore pipeline flow (Prefect).")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (YAML)")
+    parser.add_argument("--promote", action="store_true", help="register and promote behind the gate")
+    parser.add_argument("--repo", default=".")
+    args = parser.parse_args(argv)
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    weather_pipeline(models=args.models, params=overrides or None, promote=args.promote, repo=args.repo)
+
+
+if __name__ == "__main__":
+    main()

@@ -186,6 +186,21 @@ def print_table(rows: list[dict[str, object]]) -> None:
         )
 
 
+def write_report(rows: list[dict[str, object]]) -> None:
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "torch": torch.__version__,
+        "weights": "random (seed 0), default configs",
+        "tile": TILE,
+        "tile_overlap": TILE_OVERLAP,
+        "window": WINDOW,
+        "window_stride": WINDOW_STRIDE,
+        "rows": rows,
+    }
+    OUTPUT.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256x256 only")
@@ -202,7 +217,7 @@ def main() -> None:
     for model in args.models:  # before any timing: exports take minutes and need memory of their own
         if "onnxruntime" in args.backends:
             onnx_file(model)
-    rows = []
+    rows: list[dict[str, object]] = []
     for height, width in SIZES[:1] if args.quick else SIZES:
         for model in args.models:
             for backend in args.backends:
@@ -215,21 +230,9 @@ def main() -> None:
                         f"{model} {backend} {width}x{height} failed ({result.returncode}):\n{result.stderr[-3000:]}"
                     )
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-                row = rows[-1]
-                print(f"  {row['fps']:.4f} frames/s, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+                print(f"  {rows[-1]['fps']:.4f} frames/s, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+                write_report(rows)  # after every row: a long run cut short keeps what it measured
     print_table(rows)
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-        "torch": torch.__version__,
-        "weights": "random (seed 0), default configs",
-        "tile": TILE,
-        "tile_overlap": TILE_OVERLAP,
-        "window": WINDOW,
-        "window_stride": WINDOW_STRIDE,
-        "rows": rows,
-    }
-    OUTPUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUTPUT}")
 
 

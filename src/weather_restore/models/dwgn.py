@@ -135,12 +135,17 @@ class DynamicGroupedConv(nn.Module):
         )
 
     def kernels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Explicit per-image kernels (B, oup, inp/groups, 3, 3) and channel scales (B, oup)."""
+        """Explicit per-image kernels (B, oup, inp/groups, 3, 3) and channel scales (B, oup), straight from
+        the generators' n-vectors."""
         pooled = global_average(x)
-        s, shared = self.generator.factors(pooled)
-        s = rearrange(s, "b (g i) -> b g 1 i 1 1", g=self.groups)
-        template = rearrange(self.template(), "(g o) i kh kw -> g o i kh kw", g=self.groups)
-        kernels = rearrange(template * s, "b g o i kh kw -> b (g o) i kh kw") + shared[:, :, None, None, None]
+        kernels = rearrange(
+            self.generator(pooled),
+            "b (g i o kh kw) -> b (g o) i kh kw",
+            g=self.groups,
+            i=self.in_per_group,
+            kh=3,
+            kw=3,
+        )
         return kernels, self.scale(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,7 +284,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On even sizes, bilinear ×0.5 (no antialiasing) samples midway between pixel pairs: the 2x2 mean.
+        # Bilinear ×0.5 without antialiasing samples midway between pixel pairs, so on the even sizes met
+        # here it is exactly the 2x2 mean: pooling is cheaper and keeps sizes integer under export.
         return self.conv(F.avg_pool2d(x, 2))
 
 
@@ -291,7 +297,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels // 2, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
+        height, width = x.shape[-2:]  # an explicit size rather than a float scale keeps export shapes integer
         return self.conv(F.interpolate(x, size=(2 * height, 2 * width), mode="bilinear", align_corners=False))
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from weather_restore.models.layers import (
     ChannelLayerNorm,
-    pad_to_multiple,
+    mirror_pad_to_multiple,
     shifted_window_mask,
     window_merge,
     window_partition,
@@ -338,7 +338,7 @@ class DwGN(nn.Module):
 
     def forward(self, degraded: torch.Tensor) -> torch.Tensor:
         height, width = degraded.shape[-2:]
-        padded = pad_to_multiple(degraded, self.multiple)  # (B, 3, H', W')
+        padded = mirror_pad_to_multiple(degraded, self.multiple)  # (B, 3, H', W')
         # Channels-last: window partitions, channel norms and per-pixel matmuls read contiguous channels.
         features = self.intro(padded.contiguous(memory_format=torch.channels_last))
         skips = []

@@ -48,20 +48,6 @@ class ChannelLayerNorm(nn.Module):
         return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad the last two dims of x at the bottom/right to multiples of `multiple` (reflection where it fits)."""
-    height, width = x.shape[-2:]
-    pad_h = (multiple - height % multiple) % multiple
-    pad_w = (multiple - width % multiple) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    lead = x.shape[:-3]
-    flat = x.reshape(-1, *x.shape[-3:])  # (N, C, H, W): F.pad's reflect mode wants 3-D or 4-D input
-    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-    flat = F.pad(flat, (0, pad_w, 0, pad_h), mode=mode)
-    return flat.reshape(*lead, *flat.shape[-3:])
-
-
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(N, H, W, C) -> (N, nW, window*window, C), windows in row-major order."""
     return rearrange(x, "n (hw wh) (ww wx) c -> n (hw ww) (wh wx) c", wh=window, wx=window)

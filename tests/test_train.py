@@ -40,6 +40,12 @@ def run_train(params: dict, model: str, tiny_mwvd: Path, tmp_path: Path, **kwarg
     )
 
 
+def test_a_partial_training_section_keeps_the_models_own_recipe():
+    params = parse_params({"training": {"dwgn": {"iterations": 5}, "dynstaticnet": {"iterations": 7}}})
+    assert (params.training.dwgn.iterations, params.training.dwgn.loss, params.training.dwgn.lr_min) == (5, "l1", 1e-6)
+    assert (params.training.dynstaticnet.loss, params.training.dynstaticnet.lr_min) == ("psnr", 1e-7)
+
+
 @pytest.mark.parametrize(("model_name", "lr"), [("dynstaticnet", 3e-3), ("dwgn", 2e-3)])
 def test_a_tiny_model_overfits_one_batch(tiny_mwvd, tiny_models, model_name, lr):
     torch.manual_seed(0)

@@ -351,7 +351,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        model = build_model(model_name, **self.config["model_config"]).to(ctx.device)
+        model = build_model(model_name, **self.config["model_config"])
+        if cfg.init == "identity":
+            model.start_from_identity()
+        model = model.to(ctx.device)
         if ctx.world_size > 1 and ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model

@@ -233,3 +233,14 @@ def test_tiny_model_overfits_one_batch():
             break
     assert losses[-1] < input_error / 10
     assert losses[-1] < losses[0] / 10
+
+
+def test_starting_from_identity_returns_the_input_and_still_learns():
+    torch.manual_seed(0)
+    model = DwGN(**TINY)
+    model.start_from_identity()
+    degraded, clean = image(2, 3, 24, 40), image(2, 3, 24, 40, seed=1)
+    restored = model(degraded)
+    assert torch.equal(restored, degraded)
+    (restored - clean).abs().mean().backward()
+    assert model.ending.weight.grad.abs().sum() > 0  # the zeroed layer learns first, then the rest follow

@@ -245,3 +245,14 @@ def test_build_model_by_name():
 def test_model_input_shapes():
     assert model_input_shape("dynstaticnet", 2, 10, 64, 48) == (2, 10, 3, 64, 48)
     assert model_input_shape("DwGN", 2, 10, 64, 48) == (20, 3, 64, 48)
+
+
+def test_starting_from_identity_returns_the_input_and_still_learns():
+    torch.manual_seed(0)
+    model = DynStaticNet(**TINY)
+    model.start_from_identity()
+    frames, clean = clip(1, 2, 3, 24, 40), clip(1, 2, 3, 24, 40, seed=1)
+    restored = model(frames)
+    assert torch.equal(restored, frames)
+    (restored - clean).abs().mean().backward()
+    assert model.output.weight.grad.abs().sum() > 0  # the zeroed layer learns first, then the rest follow

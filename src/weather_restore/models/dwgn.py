@@ -336,6 +336,11 @@ class DwGN(nn.Module):
         )
         self.ending = nn.Conv2d(dim, 3, 3, padding=1)
 
+    def start_from_identity(self) -> None:
+        """Zero the ending convolution: the network then returns its input (a training's starting point)."""
+        nn.init.zeros_(self.ending.weight)
+        nn.init.zeros_(self.ending.bias)
+
     def forward(self, degraded: torch.Tensor) -> torch.Tensor:
         height, width = degraded.shape[-2:]
         padded = mirror_pad_to_multiple(degraded, self.multiple)  # (B, 3, H', W')

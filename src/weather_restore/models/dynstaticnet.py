@@ -257,6 +257,11 @@ class DynStaticNet(nn.Module):
         self.refinement = stage(dim, refinement_heads, refinement_blocks, degradation_query=True)
         self.output = nn.Conv2d(dim, 3, 3, padding=1)
 
+    def start_from_identity(self) -> None:
+        """Zero the output convolution: the network then returns its input (a training's starting point)."""
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
     def forward(self, degraded: torch.Tensor) -> torch.Tensor:
         frames, height, width = degraded.shape[1], degraded.shape[-2], degraded.shape[-1]
         x = rearrange(mirror_pad_to_multiple(degraded, self.multiple), "b t c h w -> (b t) c h w")

@@ -37,10 +37,13 @@ def test_changing_clip_params_reruns_only_split(tiny_repo, run):
     assert "Running stage 'assemble'" not in out
 
 
-def test_whole_pipeline_trains_and_evaluates_both_models_then_is_a_no_op(tiny_repo, run):
+def test_whole_pipeline_trains_evaluates_and_exports_both_models_then_is_a_no_op(tiny_repo, run):
     out = run(["dvc", "repro"], tiny_repo)
     for model in ("dynstaticnet", "dwgn"):
-        assert f"Running stage 'train@{model}'" in out and f"Running stage 'evaluate@{model}'" in out
+        for stage in ("train", "evaluate", "export"):
+            assert f"Running stage '{stage}@{model}'" in out
+        export = json.loads((tiny_repo / "reports" / model / "export.json").read_text())
+        assert export["max_abs_diff"] <= 1e-4 and (tiny_repo / "models" / model / "model.onnx").is_file()
         metrics = json.loads((tiny_repo / "reports" / model / "metrics.json").read_text())
         assert set(metrics["per_weather"]) == set(WEATHERS)
         assert metrics["overall"]["lpips"] is None and metrics["params"] > 0
@@ -56,6 +59,6 @@ def test_whole_pipeline_trains_and_evaluates_both_models_then_is_a_no_op(tiny_re
     params["training"]["dwgn"]["iterations"] += 1
     (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run(["dvc", "repro"], tiny_repo)
-    assert "Running stage 'train@dwgn'" in changed and "Running stage 'evaluate@dwgn'" in changed
-    assert "Running stage 'train@dynstaticnet'" not in changed
-    assert "Running stage 'evaluate@dynstaticnet'" not in changed
+    for stage in ("train", "evaluate", "export"):
+        assert f"Running stage '{stage}@dwgn'" in changed
+        assert f"Running stage '{stage}@dynstaticnet'" not in changed

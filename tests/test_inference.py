@@ -26,19 +26,6 @@ from weather_restore.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Fewer blocks than the shared tiny configs: torch.onnx.export's tracing time grows with every block.
-EXPORTABLE = {
-    "dynstaticnet": {"dim": 8, "blocks": [1, 0, 0], "refinement_blocks": 0, "heads": [1, 1, 1]},
-    "dwgn": {
-        "dim": 16,
-        "head_dim": 16,
-        "window": 4,
-        "encoder_blocks": [1, 0, 0],
-        "bottleneck_blocks": 0,
-        "decoder_blocks": [0, 0, 0],
-    },
-}
-
 
 def frames(count: int, height: int = 24, width: int = 40, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -74,11 +61,11 @@ def export_onnx(model: nn.Module, name: str, path) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory) -> dict[str, dict]:
+def model_files(tmp_path_factory, exportable_models) -> dict[str, dict]:
     """Per model: a .pt checkpoint and the same weights exported to .onnx (about 20 s per export)."""
     root = tmp_path_factory.mktemp("models")
     files = {}
-    for name, config in EXPORTABLE.items():
+    for name, config in exportable_models.items():
         model = save_tiny(root / f"{name}.pt", name, config)
         export_onnx(model, name, root / f"{name}.onnx")
         files[name] = {"pt": root / f"{name}.pt", "onnx": root / f"{name}.onnx"}

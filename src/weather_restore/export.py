@@ -1,0 +1,275 @@
+"""Stage `export`: a trained checkpoint -> ONNX, proven on a real test clip to compute what PyTorch computes.
+
+The graph takes the model's own layout with dynamic sizes: `[B, T, 3, H, W]` for DynStaticNet (batch, frames,
+height and width dynamic), `[B, 3, H, W]` for DwGN (batch, height and width). `onnx.checker` must pass, and
+ONNX Runtime must match PyTorch on a real test clip at its own size and at a second, ragged size: max absolute
+difference <= `export.atol` and PSNR (against the ground truth) within `export.psnr_tolerance_db`; otherwise
+the stage fails and says by how much. Both runtimes' latency on this machine goes into
+`reports/<model>/export.json`, and the ONNX model into the training's MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from weather_restore.config import ExportConfig
+from weather_restore.data.clips import load_clip, read_manifest
+from weather_restore.errors import DataError, ModelFileError, WeatherRestoreError
+from weather_restore.inference import is_video_model
+from weather_restore.metrics import psnr
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME, OUTPUT_NAME = "degraded", "restored"
+
+
+class ExportError(WeatherRestoreError):
+    """The ONNX graph could not be made, or does not compute what the PyTorch model computes."""
+
+
+def model_input(model_name: str, clip: np.ndarray) -> np.ndarray:
+    """A clip `(T, H, W, 3)` in [0, 1] -> the model's layout: `(1, T, 3, H, W)` or the frames `(T, 3, H, W)`."""
+    frames = np.ascontiguousarray(clip.transpose(0, 3, 1, 2), dtype=np.float32)  # (T, 3, H, W)
+    return frames[None] if is_video_model(model_name) else frames
+
+
+def export_onnx(model: nn.Module, model_name: str, example: np.ndarray, path: Path, cfg: ExportConfig) -> float:
+    """Write the ONNX graph atomically; returns the seconds the exporter took."""
+    exporter = cfg.exporter_for(model_name)
+    video = is_video_model(model_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # Batch 2: a batch of 1 gets specialised by both exporters' shape analysis.
+    sample = torch.from_numpy(np.concatenate([example, example[:, ::-1]]) if video else example[:2].copy())
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarning / deprecation notes, one per traced size expression
+        if exporter == "dynamo":
+            # onnxscript's optimiser logs one INFO line per node it leaves alone: tens of thousands here.
+            logging.getLogger("onnxscript").setLevel(logging.WARNING)
+            dynamic = torch.export.Dim.DYNAMIC
+            axes = {0: dynamic, 1: dynamic, 3: dynamic, 4: dynamic} if video else {0: dynamic, 2: dynamic, 3: dynamic}
+            program = torch.onnx.export(
+                model,
+                (sample,),
+                dynamo=True,
+                opset_version=cfg.opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={INPUT_NAME: axes},
+                verbose=False,
+            )
+            program.save(str(tmp), external_data=False)
+        else:
+            names = ("batch", "frames", "height", "width") if video else ("batch", "height", "width")
+            dims = (0, 1, 3, 4) if video else (0, 2, 3)
+            torch.onnx.export(
+                model,
+                (sample,),
+                str(tmp),
+                dynamo=False,
+                opset_version=cfg.opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={name: dict(zip(dims, names, strict=True)) for name in (INPUT_NAME, OUTPUT_NAME)},
+            )
+    seconds = time.perf_counter() - started
+    _stamp_and_check(tmp, model_name, exporter)
+    os.replace(tmp, path)
+    return seconds
+
+
+def _stamp_and_check(path: Path, model_name: str, exporter: str) -> None:
+    """Record which model the graph is (restore and the loaders read it), then run onnx.checker on the file."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    entries = {"model_name": model_name, "exporter": exporter, "producer": "weather-restore"}
+    kept = [p for p in graph.metadata_props if p.key not in entries]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    for key, value in entries.items():
+        graph.metadata_props.add(key=key, value=value)
+    try:
+        onnx.checker.check_model(graph, full_check=True)
+    except onnx.checker.ValidationError as error:
+        path.unlink(missing_ok=True)
+        raise ExportError(f"onnx.checker rejects the exported {model_name} graph: {error}") from None
+    onnx.save(graph, str(path))
+
+
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ragged_crop(x: np.ndarray) -> np.ndarray:
+    """A second size unlike the first (odd, not a multiple of any window or downsampling factor)."""
+    height, width = x.shape[-2:]
+    return np.ascontiguousarray(x[..., : max(9, height * 3 // 4 - 1), : max(9, width * 5 // 8 + 3)])
+
+
+def compare(model: nn.Module, session: Any, degraded: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
+    """PyTorch against ONNX Runtime on one input: max |difference| and each one's PSNR against `clean`."""
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(degraded)).numpy()
+    (restored,) = session.run(None, {INPUT_NAME: degraded})
+    if restored.shape != expected.shape:
+        raise ExportError(f"ONNX Runtime returned shape {restored.shape}, PyTorch {expected.shape}")
+
+    def quality(x: np.ndarray) -> float:
+        frames = torch.from_numpy(x.reshape(-1, *x.shape[-3:])).clamp(0, 1)
+        return psnr(frames, torch.from_numpy(clean.reshape(-1, *clean.shape[-3:]))).mean().item()
+
+    torch_psnr, onnx_psnr = quality(expected), quality(restored)
+    return {
+        "shape": list(degraded.shape),
+        "max_abs_diff": float(np.abs(restored - expected).max()),
+        "psnr_pytorch": torch_psnr,
+        "psnr_onnxruntime": onnx_psnr,
+        "psnr_diff_db": abs(torch_psnr - onnx_psnr),
+    }
+
+
+def median_seconds(call: Any, repeats: int) -> float:
+    """The median wall time of `repeats` calls (warm them up first: the first run allocates and picks kernels)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def export_model(
+    model_name: str,
+    checkpoint: Path,
+    data_root: Path,
+    onnx_path: Path,
+    report_path: Path,
+    cfg: ExportConfig,
+) -> dict[str, Any]:
+    """The stage: export, check, check parity on the first test clip at two sizes, time both runtimes, report."""
+    from weather_restore.checkpoint import load_checkpoint, load_model
+
+    found = load_checkpoint(checkpoint).get("model_name", model_name)
+    if found != model_name:
+        raise ModelFileError(f"{checkpoint}: holds a {found} model, not {model_name}")
+    model = load_model(checkpoint, "cpu").float().eval()
+    checksum, clips = read_manifest(data_root)
+    test = [clip for clip in clips if clip.split == "test"]
+    if not test:
+        raise DataError(f"{data_root}/manifest.json: no test clip to check the export on")
+    clip = test[0]
+    degraded_clip, clean_clip = load_clip(data_root, clip)
+    degraded, clean = model_input(model_name, degraded_clip), model_input(model_name, clean_clip)
+
+    seconds = export_onnx(model, model_name, degraded, onnx_path, cfg)
+    log.info("exported %s to %s in %.1f s (%s)", model_name, onnx_path, seconds, cfg.exporter_for(model_name))
+    threads = torch.get_num_threads()
+    session = onnx_session(onnx_path, threads)
+    parity = [
+        compare(model, session, degraded, clean),
+        compare(model, session, ragged_crop(degraded), ragged_crop(clean)),
+    ]
+    worst = max(parity, key=lambda row: row["max_abs_diff"])
+    worst_psnr = max(row["psnr_diff_db"] for row in parity)
+    report = {
+        "model": model_name,
+        "onnx": str(onnx_path),
+        "bytes": onnx_path.stat().st_size,
+        "opset": cfg.opset,
+        "exporter": cfg.exporter_for(model_name),
+        "export_seconds": seconds,
+        "clip": clip.id,
+        "manifest_checksum": checksum,
+        "parity": parity,
+        "max_abs_diff": worst["max_abs_diff"],
+        "psnr_diff_db": worst_psnr,
+        "atol": cfg.atol,
+        "psnr_tolerance_db": cfg.psnr_tolerance_db,
+    }
+    if not (worst["max_abs_diff"] <= cfg.atol and worst_psnr <= cfg.psnr_tolerance_db):
+        onnx_path.unlink(missing_ok=True)
+        raise ExportError(
+            f"{onnx_path}: ONNX Runtime differs from PyTorch on test clip {clip.id}: max |difference| "
+            f"{worst['max_abs_diff']:.3g} at input {tuple(worst['shape'])} (allowed {cfg.atol:g}), PSNR difference "
+            f"{worst_psnr:.4f} dB (allowed {cfg.psnr_tolerance_db:g}); the graph was removed"
+        )
+
+    # The parity runs above were both runtimes' warm-up on this very input.
+    def run_torch() -> None:
+        with torch.inference_mode():
+            model(torch.from_numpy(degraded))
+
+    report["latency"] = {
+        "input": list(degraded.shape),
+        "threads": threads,
+        "repeats": cfg.latency_repeats,
+        "pytorch_s": median_seconds(run_torch, cfg.latency_repeats),
+        "onnxruntime_s": median_seconds(lambda: session.run(None, {INPUT_NAME: degraded}), cfg.latency_repeats),
+    }
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report_path.with_name(f".{report_path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, report_path)
+    return report
+
+
+def log_export(run_json: Path, report: dict[str, Any], onnx_path: Path, report_path: Path) -> str:
+    """Log the ONNX model (with its signature), the parity and latency figures into the training's MLflow run;
+    returns the logged model's URI."""
+    import mlflow
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from weather_restore.tracking import read_run_info
+
+    info = read_run_info(run_json)
+    if info.run_id is None:
+        raise ModelFileError(f"{run_json}: the training was not tracked (tracking.enabled: false)")
+    video = is_video_model(report["model"])
+    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 3, -1, -1) if video else (-1, 3, -1, -1))])
+    mlflow.set_tracking_uri(info.tracking_uri)
+    with mlflow.start_run(run_id=info.run_id):
+        logged = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name="onnx",
+            signature=ModelSignature(inputs=spec, outputs=spec),
+            pip_requirements=[f"onnxruntime=={_version('onnxruntime')}", f"onnx=={onnx.__version__}"],
+            save_as_external_data=False,
+        )
+        mlflow.log_metrics(
+            {
+                "onnx_max_abs_diff": report["max_abs_diff"],
+                "onnx_psnr_diff_db": report["psnr_diff_db"],
+                "onnx_latency_s": report["latency"]["onnxruntime_s"],
+                "pytorch_latency_s": report["latency"]["pytorch_s"],
+            }
+        )
+        mlflow.log_artifact(str(report_path), artifact_path="export")
+        mlflow.set_tag("onnx_model_uri", logged.model_uri)
+    log.info("logged the ONNX model to MLflow run %s: %s", info.run_id, logged.model_uri)
+    return logged.model_uri
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

@@ -1,0 +1,128 @@
+"""The export stage on real tiny checkpoints and a real MWVD tree: ONNX graphs, parity, report, MLflow logging."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from weather_restore.checkpoint import save_checkpoint
+from weather_restore.config import ExportConfig, ExportExporters
+from weather_restore.errors import ModelFileError
+from weather_restore.export import ExportError, export_model, log_export
+from weather_restore.models import build_model
+from weather_restore.tracking import RunInfo, write_run_info
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODELS = ("dynstaticnet", "dwgn")
+# Both exporters are tested, one per model: params.yaml traces both (dynamo is minutes slower on full models).
+CONFIG = ExportConfig(exporter=ExportExporters(dynstaticnet="dynamo", dwgn="torchscript"), latency_repeats=1)
+
+
+def tiny_checkpoint(path, name: str, config: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, **config).eval()
+    save_checkpoint(path, {"model": model.state_dict(), "model_name": name, "model_config": config})
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_mwvd, tmp_path_factory, exportable_models):
+    """Per model: the eager model, the ONNX file and the report of one export_model run."""
+    root = tmp_path_factory.mktemp("export")
+    results = {}
+    for name in MODELS:
+        model = tiny_checkpoint(root / f"{name}.pt", name, exportable_models[name])
+        onnx_path, report_path = root / name / "model.onnx", root / name / "export.json"
+        report = export_model(name, root / f"{name}.pt", tiny_mwvd, onnx_path, report_path, CONFIG)
+        results[name] = (model, onnx_path, report_path, report)
+    return results
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_graph_passes_the_checker_and_names_its_model(exported, name):
+    _, onnx_path, _, report = exported[name]
+    graph = onnx.load(str(onnx_path))
+    onnx.checker.check_model(graph, full_check=True)
+    metadata = {p.key: p.value for p in graph.metadata_props}
+    assert metadata["model_name"] == name
+    assert metadata["exporter"] == report["exporter"] == CONFIG.exporter_for(name)
+    assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) == CONFIG.opset
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parity_is_checked_on_a_real_test_clip_at_two_sizes(exported, name, tiny_mwvd):
+    _, _, report_path, report = exported[name]
+    assert json.loads(report_path.read_text()) == report
+    first, second = report["parity"]
+    manifest = json.loads((tiny_mwvd / "manifest.json").read_text())
+    assert report["manifest_checksum"] == manifest["checksum"]
+    assert first["shape"][-2:] == [32, 32] and second["shape"][-2:] != first["shape"][-2:]
+    for row in report["parity"]:
+        assert row["max_abs_diff"] <= CONFIG.atol
+        assert row["psnr_diff_db"] <= CONFIG.psnr_tolerance_db
+        assert row["psnr_pytorch"] == pytest.approx(row["psnr_onnxruntime"], abs=CONFIG.psnr_tolerance_db)
+    assert report["latency"]["pytorch_s"] > 0 and report["latency"]["onnxruntime_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "shapes"),
+    [("dynstaticnet", [(1, 2, 3, 8, 70), (3, 4, 3, 41, 27)]), ("dwgn", [(1, 3, 64, 64), (3, 3, 45, 70)])],
+)
+def test_batch_frames_and_size_stay_dynamic(exported, name, shapes):
+    model, onnx_path, _, _ = exported[name]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for shape in shapes:
+        degraded = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = model(degraded).numpy()
+        (restored,) = session.run(None, {"degraded": degraded.numpy()})
+        assert restored.shape == shape
+        np.testing.assert_allclose(restored, expected, rtol=0, atol=1e-4)
+
+
+def test_a_parity_failure_fails_the_stage_says_by_how_much_and_removes_the_graph(
+    tiny_mwvd, tmp_path, exportable_models
+):
+    tiny_checkpoint(tmp_path / "dwgn.pt", "dwgn", exportable_models["dwgn"])
+    strict = ExportConfig(atol=1e-12, latency_repeats=1)  # float32 kernels differ by ~1e-7: nothing passes
+    onnx_path = tmp_path / "model.onnx"
+    with pytest.raises(ExportError, match=r"max \|difference\| [0-9.e-]+ at input .* \(allowed 1e-12\)"):
+        export_model("dwgn", tmp_path / "dwgn.pt", tiny_mwvd, onnx_path, tmp_path / "export.json", strict)
+    assert not onnx_path.exists() and not (tmp_path / "export.json").exists()
+
+
+def test_a_checkpoint_of_the_other_model_is_refused(tiny_mwvd, tmp_path, exportable_models):
+    tiny_checkpoint(tmp_path / "dwgn.pt", "dwgn", exportable_models["dwgn"])
+    with pytest.raises(ModelFileError, match="holds a dwgn model, not dynstaticnet"):
+        export_model("dynstaticnet", tmp_path / "dwgn.pt", tiny_mwvd, tmp_path / "m.onnx", tmp_path / "e.json", CONFIG)
+
+
+def test_the_onnx_model_is_logged_into_the_training_run(exported, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    model, onnx_path, report_path, report = exported["dwgn"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("export", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.set_terminated(run.info.run_id)
+    write_run_info(tmp_path / "run.json", RunInfo(model="dwgn", run_id=run.info.run_id, tracking_uri=uri))
+
+    model_uri = log_export(tmp_path / "run.json", report, onnx_path, report_path)
+
+    logged = client.get_run(run.info.run_id)
+    assert logged.data.metrics["onnx_max_abs_diff"] == pytest.approx(report["max_abs_diff"])
+    assert logged.data.tags["onnx_model_uri"] == model_uri
+    assert "export/export.json" in {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    frames = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(frames).numpy()
+    (restored,) = pyfunc.predict(frames.numpy()).values()  # the ONNX flavour answers {output name: array}
+    np.testing.assert_allclose(restored, expected, rtol=0, atol=1e-4)

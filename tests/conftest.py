@@ -1,11 +1,18 @@
-"""Shared fixtures: a tiny real MWVD tree (PNG frames, manifest) written by the split stage's own code."""
+"""Shared fixtures: a tiny real MWVD tree (PNG frames, manifest) written by the split stage's own code, and a real
+`mlflow server` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,13 +106,33 @@ TINY_TRAINING = {
 }
 
 
+# Fewer blocks than TINY_MODELS: the ONNX exporters' tracing time grows with every block.
+EXPORTABLE_MODELS = {
+    "dynstaticnet": {"dim": 8, "blocks": [1, 0, 0], "refinement_blocks": 0, "heads": [1, 1, 1]},
+    "dwgn": {
+        "dim": 16,
+        "head_dim": 16,
+        "window": 4,
+        "encoder_blocks": [1, 0, 0],
+        "bottleneck_blocks": 0,
+        "decoder_blocks": [0, 0, 0],
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def exportable_models() -> dict:
+    """Constructor arguments of models small enough to export to ONNX in seconds."""
+    return EXPORTABLE_MODELS
+
+
 @pytest.fixture
 def tiny_models() -> dict:
     """Constructor arguments of tiny versions of both models (seconds to train on a CPU)."""
     return TINY_MODELS
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_params_dict():
     """A factory of params mappings with tiny models and a few-iteration training of `model`, MLflow off."""
 
@@ -190,3 +217,75 @@ def tiny_repo(tmp_path) -> Path:
 def run():
     """run(cmd, cwd) -> output: a command with this interpreter's tools on PATH; a non-zero exit fails the test."""
     return run_command
+
+
+# --- a real MLflow tracking server ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with its SQLite store and artifacts in `folder`; yields its URL."""
+    port = free_port()
+    folder.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+    ]  # fmt: skip
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log.close()
+            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """A server of the test's own, its files in tmp_path/server."""
+    with running_mlflow_server(tmp_path / "server") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """One server for a whole test module (starting one takes seconds); tests keep apart by their own names."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow") / "server") as url:
+        yield url

@@ -301,3 +301,13 @@ def test_cli_refuses_a_model_file_of_another_model_with_one_line_and_no_output(t
     assert error.startswith("weather-restore restore: ") and "holds a DynStaticNet model, not DwGN" in error
     assert "Traceback" not in error and error.count("\n") == 1
     assert leftovers(tmp_path) == ["rainy.mp4"]
+
+
+def test_restore_runs_outside_the_repository_without_a_params_file(tmp_path, checkpoints, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: a user's own folder
+    write_video(tmp_path / "rainy.mp4", count=2, audio=False)
+    args = ["restore", "rainy.mp4", "-o", "clean", "--model", str(checkpoints["dwgn"]), "--tile", "0"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["000000.png", "000001.png"]
+    assert main(["train", "--model", "dwgn"]) == 2  # the pipeline's stages still need params.yaml
+    assert "params.yaml: no such params file" in capsys.readouterr().err

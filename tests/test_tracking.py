@@ -1,12 +1,6 @@
 """MLflow tracking against real stores: an embedded SQLite store, and a real `mlflow server` on 127.0.0.1."""
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -120,60 +114,6 @@ def test_a_run_in_the_embedded_sqlite_store(tiny_mwvd, tmp_path, tiny_params_dic
     assert run.data.tags["mlflow.source.git.commit"] == commit
     assert run.info.artifact_uri.startswith((project / "mlartifacts").resolve().as_uri())
     assert not (project / "mlruns").exists() and not Path("mlruns").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder; yields its URL."""
-    port = free_port()
-    folder = tmp_path / "server"
-    folder.mkdir()
-    env = {
-        **os.environ,
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-    }
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-        "--artifacts-destination", str(folder / "artifacts"),
-    ]  # fmt: skip
-    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            log.close()
-            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    log.close()
 
 
 def test_a_run_on_a_real_mlflow_server(tiny_mwvd, tmp_path, tiny_params_dict, mlflow_server, monkeypatch):

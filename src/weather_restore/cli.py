@@ -1,7 +1,7 @@
 """`weather-restore`: one subcommand per pipeline stage. Parses arguments, loads params once, calls the library.
 
 Every error the project raises on purpose (`WeatherRestoreError`) is printed as one message without a
-traceback, and the command exits with status 2.
+traceback, and the command exits with status 2; a promotion refused by the gate exits with status 3.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from pathlib import Path
 
 from weather_restore import __version__
 from weather_restore.config import DEFAULT_PARAMS, Params, load_params
-from weather_restore.errors import WeatherRestoreError
+from weather_restore.errors import PromotionRefused, WeatherRestoreError
 
 log = logging.getLogger("weather_restore")
 
 Command = Callable[[argparse.Namespace, Params], int | None]
+RUNS_WITHOUT_PARAMS = {"restore"}
+PROMOTION_REFUSED = 3
 
 
 def cmd_params(args: argparse.Namespace, params: Params) -> None:
@@ -104,6 +106,33 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
     )
 
 
+def cmd_export(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.export import export_model, log_export
+
+    model_dir = Path("models") / args.model
+    onnx_path = args.out or model_dir / "model.onnx"
+    report_path = args.report or Path("reports") / args.model / "export.json"
+    report = export_model(
+        args.model,
+        args.checkpoint or model_dir / "checkpoint.pt",
+        args.data or params.data.root / "mwvd",
+        onnx_path,
+        report_path,
+        params.export,
+    )
+    run_json = model_dir / "run.json"
+    if params.tracking.enabled and run_json.is_file() and not args.checkpoint:
+        log_export(run_json, report, onnx_path, report_path)
+    latency = report["latency"]
+    print(
+        f"exported {args.model} to {onnx_path} ({report['exporter']}, opset {report['opset']}, "
+        f"{report['export_seconds']:.0f} s); parity on test clip {report['clip']}: max |difference| "
+        f"{report['max_abs_diff']:.2e}, PSNR difference {report['psnr_diff_db']:.5f} dB; latency per input "
+        f"{tuple(latency['input'])}: PyTorch {latency['pytorch_s']:.3f} s, "
+        f"ONNX Runtime {latency['onnxruntime_s']:.3f} s"
+    )
+
+
 def cmd_compare(args: argparse.Namespace, params: Params) -> None:
     from weather_restore.evaluate import write_comparison
 
@@ -142,13 +171,53 @@ def cmd_restore(args: argparse.Namespace, params: Params) -> None:
     )
 
 
+def _registry_client(params: Params):
+    from weather_restore.registry import connect
+    from weather_restore.tracking import tracking_uri
+
+    return connect(tracking_uri(params.tracking, Path.cwd()))
+
+
+def cmd_register(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.registry import register
+    from weather_restore.tracking import RUN_INFO_NAME, read_run_info
+
+    run_info = read_run_info(Path("models") / args.model / RUN_INFO_NAME)
+    print(register(args.model, run_info, _registry_client(params)).summary())
+
+
+def cmd_promote(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.registry import promote
+
+    result = promote(
+        args.model,
+        _registry_client(params),
+        args.version,
+        min_delta=params.registry.min_delta,
+        weather_tolerance=params.registry.weather_tolerance,
+        force=args.force,
+        reason=args.reason,
+    )
+    if result.gate is not None:
+        print(result.gate.table())
+    print(result.summary())
+
+
+def cmd_rollback(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.registry import rollback
+
+    print(rollback(args.model, _registry_client(params)).summary())
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(
         prog="weather-restore",
         description="Train, evaluate, export and promote models that remove rain, haze and snow from video.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--params", type=Path, help="params file (default: params.yaml; `restore` runs without one, on defaults)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
@@ -218,6 +287,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="reports folder (default: reports/<model>)")
     p = add(
+        "export",
+        cmd_export,
+        "export a trained model to ONNX and prove it matches PyTorch on a real test clip",
+        "Reads models/<model>/checkpoint.pt (or --checkpoint), the first test clip of <data.root>/mwvd and params "
+        "export. Writes models/<model>/model.onnx (opset export.opset; batch, height and width dynamic, and frames "
+        "for DynStaticNet; onnx.checker passes) only when ONNX Runtime matches PyTorch on that clip at its size and "
+        "at a second, ragged size (max |difference| <= export.atol, PSNR within export.psnr_tolerance_db), else "
+        "fails saying by how much; reports/<model>/export.json (parity, both runtimes' latency on this machine). "
+        "Logs the ONNX model (mlflow.onnx, with its signature) and the figures into the training's MLflow run "
+        "named in models/<model>/run.json.",
+    )
+    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to export")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: models/<model>/checkpoint.pt; not logged)")
+    p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
+    p.add_argument("--out", type=Path, help="ONNX file (default: models/<model>/model.onnx)")
+    p.add_argument("--report", type=Path, help="report (default: reports/<model>/export.json)")
+    p = add(
         "compare",
         cmd_compare,
         "gather the evaluated models into one table per weather",
@@ -252,6 +338,44 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("--compare", action="store_true", help="write input | restored side by side")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate of a video made from frames (default: 25)")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18)")
+    store = "the store named by MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    p = add(
+        "register",
+        cmd_register,
+        "register a trained and evaluated model as a new version in the MLflow model registry",
+        "Reads models/<model>/run.json (the training's MLflow run, which `evaluate` must have given test metrics) "
+        f"from {store}. Creates a version of the registered model DynStaticNet or DwGN from the run's logged model, "
+        "tagged with the git commit, data manifest checksum, config hash, model format, test metrics overall and "
+        "per weather, the test set's manifest checksum and, when `export` logged them, the ONNX parity and latency "
+        "figures; its description says what it is, what it was trained on and its test PSNR against the input's. "
+        "A run registered before gives back its version.",
+    )
+    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to register")
+    p = add(
+        "promote",
+        cmd_promote,
+        "move the alias champion to a registered version when it beats the current champion",
+        f"Reads the registered versions of DynStaticNet or DwGN from {store}, and params registry. The gate: the "
+        "candidate's test PSNR beats the champion's by at least registry.min_delta dB on the same test set (same "
+        "test manifest checksum), and no weather's PSNR drops by more than registry.weather_tolerance dB; with no "
+        "champion yet the candidate passes. On a pass, alias champion moves to the candidate and the old champion "
+        "gets alias previous; prints the comparison table. A refusal prints the table and the reasons and exits "
+        "with status 3. Every decision (time, user, deltas, reasons) is written into the candidate's tags "
+        "(promotion.*, history). Load the champion as models:/DynStaticNet@champion.",
+    )
+    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to promote")
+    p.add_argument("--version", help="registered version to promote (default: the newest)")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
+    p.add_argument("--reason", help="why: required with --force, recorded with your user name")
+    p = add(
+        "rollback",
+        cmd_rollback,
+        "make the previous champion the champion again",
+        f"Reads the aliases of DynStaticNet or DwGN from {store}. Swaps champion and previous, so a second "
+        "rollback undoes the first; records the time and user in both versions' tags (rollback.*, history). Fails "
+        "when there is no previous version.",
+    )
+    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to roll back")
     return parser, commands
 
 
@@ -263,8 +387,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        params = load_params(args.params)
+        if args.params is None and args.command in RUNS_WITHOUT_PARAMS and not DEFAULT_PARAMS.is_file():
+            params = Params()  # restoring a user's video outside the repository needs no pipeline settings
+        else:
+            params = load_params(args.params or DEFAULT_PARAMS)
         return commands[args.command](args, params) or 0
+    except PromotionRefused as error:  # the gate said no: an answer, not a failure of the tool
+        print(f"weather-restore {args.command}: {error}", file=sys.stderr)
+        return PROMOTION_REFUSED
     except WeatherRestoreError as error:
         print(f"weather-restore {args.command}: {error}", file=sys.stderr)
         return 2

@@ -23,3 +23,11 @@ class ModelFileError(WeatherRestoreError):
 
 class TrainingError(WeatherRestoreError):
     """Training cannot go on: a non-finite loss, or a batch size that does not divide among the processes."""
+
+
+class RegistryError(WeatherRestoreError):
+    """The model registry cannot do what was asked: a run not tracked or not evaluated, no version to roll back to."""
+
+
+class PromotionRefused(RegistryError):
+    """A version failed the promotion gate; the message holds the comparison table and the reasons."""

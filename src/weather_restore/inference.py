@@ -338,8 +338,11 @@ def _load_registered(uri: str, tracking_uri: str | None) -> LoadedModel:
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    from weather_restore.tracking import own_pickles_allowed
+
     try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
+        with own_pickles_allowed():
+            pyfunc = mlflow.pyfunc.load_model(uri)
     except Exception as error:  # MLflow raises MlflowException, OSError or flavour errors alike
         raise ModelFileError(f"{uri}: cannot load from {mlflow.get_tracking_uri()} ({error})") from None
     registered = uri.removeprefix("models:/").split("/")[0].split("@")[0].lower()

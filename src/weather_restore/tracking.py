@@ -8,10 +8,11 @@ directory and on whether a `./mlruns` folder exists). Open it with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,17 +138,25 @@ def read_run_info(path: Path) -> RunInfo:
         raise ModelFileError(f"{path}: not a run record ({error})") from None
 
 
-def load_logged_model(model_uri: str) -> Any:
-    """Load a model this project logged (a torch.export graph, or a pickled module when export could not keep
-    its shapes dynamic; pickles are allowed here because this project wrote them)."""
-    import mlflow
-
+@contextlib.contextmanager
+def own_pickles_allowed() -> Iterator[None]:
+    """Let MLflow unpickle a model while inside: the models this project logs in the pickle format (when
+    torch.export cannot keep their shapes dynamic) were written by this project."""
     previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
     try:
-        return mlflow.pytorch.load_model(model_uri)
+        yield
     finally:
         if previous is None:
             del os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]
         else:
             os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+
+
+def load_logged_model(model_uri: str) -> Any:
+    """Load a model this project logged (a torch.export graph, or a pickled module when export could not keep
+    its shapes dynamic)."""
+    import mlflow
+
+    with own_pickles_allowed():
+        return mlflow.pytorch.load_model(model_uri)

@@ -5,6 +5,7 @@
 ARG BASE=python:3.11.7-slim-bookworm
 FROM ${BASE}
 
+# WEATHER_RESTORE_REPO: the checkout that prefect.yaml's pull step moves a flow run into (docker work pool).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -13,7 +14,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DO_NOT_TRACK=true \
-    WEATHER_RESTORE_PROGRESS=0
+    WEATHER_RESTORE_PROGRESS=0 \
+    WEATHER_RESTORE_REPO=/home/weather/weather-restore
 
 # git: DVC needs a repository; the rest of the runtime comes as wheels (PyAV ships FFmpeg).
 RUN apt-get update \

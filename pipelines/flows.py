@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -58,10 +59,22 @@ def _environment() -> dict[str, str]:
 
 
 def stream(cmd: list[str], cwd: Path, timeout_s: float | None = None) -> tuple[int, list[str]]:
-    """Run a command, sending each output line to the Prefect log as it comes; kill it past `timeout_s`."""
+    """Run a command, sending each output line to the Prefect log as it comes; kill it past `timeout_s`.
+
+    The command runs in its own process group, and a timeout (or a cancelled or interrupted flow) kills the whole
+    group: killing DVC alone would leave its stage running, and an orphaned training would keep writing the
+    checkpoint that the retry resumes from.
+    """
     logger = get_run_logger()
     process = subprocess.Popen(
-        cmd, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        cmd,
+        cwd=cwd,
+        env=_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        process_group=0,
     )
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -74,21 +87,26 @@ def stream(cmd: list[str], cwd: Path, timeout_s: float | None = None) -> tuple[i
     threading.Thread(target=pump, daemon=True).start()
     output: list[str] = []
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            if deadline is not None and time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                raise StageFailed(f"{' '.join(cmd)} ran past its {timeout_s:.0f} s timeout and was stopped") from None
-            continue
-        if line is None:
-            break
-        output.append(line)
-        if line.strip():
-            logger.info(line)
-    return process.wait(), output
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise StageFailed(
+                        f"{' '.join(cmd)} ran past its {timeout_s:.0f} s timeout and was stopped"
+                    ) from None
+                continue
+            if line is None:
+                break
+            output.append(line)
+            if line.strip():
+                logger.info(line)
+        return process.wait(), output
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def _failure(cmd: list[str], code: int, output: list[str]) -> StageFailed:
@@ -97,9 +115,10 @@ def _failure(cmd: list[str], code: int, output: list[str]) -> StageFailed:
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}")
-def repro(stage: str, repo: str, timeout_s: float | None = None) -> StageResult:
-    """`dvc repro <stage>`: runs the stage and whatever it depends on, if stale; skips it otherwise."""
-    cmd = ["dvc", "repro", stage]
+def repro(stage: str, repo: str, timeout_s: float | None = None, single_item: bool = False) -> StageResult:
+    """`dvc repro <stage>`: runs the stage and whatever it depends on, if stale; skips it otherwise.
+    `single_item`: the stage alone, its dependencies taken as they are."""
+    cmd = ["dvc", "repro", *(["--single-item"] if single_item else []), stage]
     start = time.monotonic()
     code, output = stream(cmd, Path(repo), timeout_s)
     if code != 0:
@@ -114,10 +133,12 @@ def repro(stage: str, repo: str, timeout_s: float | None = None) -> StageResult:
 
 
 @task(name="weather-restore", task_run_name="weather-restore {args}")
-def cli(args: list[str], repo: str, allowed_codes: tuple[int, ...] = (0,)) -> tuple[int, str]:
+def cli(
+    args: list[str], repo: str, allowed_codes: tuple[int, ...] = (0,), timeout_s: float | None = None
+) -> tuple[int, str]:
     """Run a `weather-restore` subcommand in the repository; exit codes outside `allowed_codes` fail."""
     cmd = ["weather-restore", *args]
-    code, output = stream(cmd, Path(repo))
+    code, output = stream(cmd, Path(repo), timeout_s)
     if code not in allowed_codes:
         raise _failure(cmd, code, output)
     return code, "\n".join(output)
@@ -172,6 +193,27 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def registry_state(repo: Path, model: str) -> str:
+    """`DwGN v4 from run 0a1b...; champion v3`: the newest registry version made from the model's MLflow run
+    (models/<model>/run.json) and the version the `champion` alias points at, read from the registry itself."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run = _read_json(repo / "models" / model / "run.json") or {}
+    if not run.get("run_id"):
+        return "no MLflow run"
+    name = REGISTERED_NAMES[model]
+    client = MlflowClient(run["tracking_uri"])
+    ours = client.search_model_versions(f"name = '{name}' and run_id = '{run['run_id']}'")
+    newest = max((int(version.version) for version in ours), default=None)
+    try:
+        champion = f"v{client.get_model_version_by_alias(name, 'champion').version}"
+    except MlflowException:
+        champion = "none"
+    made = f"{name} v{newest} from run {run['run_id']}" if newest else f"no {name} version from run {run['run_id']}"
+    return f"{made}; champion {champion}"
+
+
 def summary_markdown(repo: Path, models: list[str], stages: list[StageResult], decisions: dict[str, str]) -> str:
     """The run's artifact: the comparison table, MLflow run ids, registry decisions and what DVC ran."""
     compare = repo / "reports" / "compare.md"
@@ -222,31 +264,45 @@ def weather_pipeline(
             if stage in defined:
                 results.append(repro(stage, root, stage_timeout_s))
     if "compare" in defined:
-        results.append(repro("compare", root, stage_timeout_s))
+        # `dvc repro compare` would train and evaluate the models left out of this run: compare only the
+        # metrics those already have, or skip the table until they have some.
+        others = [model for model in MODELS if model not in models]
+        missing = [model for model in others if not (Path(root) / "reports" / model / "metrics.json").is_file()]
+        if missing:
+            get_run_logger().info("compare skipped: no reports/<model>/metrics.json yet for %s", missing)
+        else:
+            results.append(repro("compare", root, stage_timeout_s, single_item=bool(others)))
     decisions: dict[str, str] = {}
     if promote:
         for model in models:
-            _, registered = cli(["register", "--model", model], root)
-            code, verdict = cli(["promote", "--model", model], root, allowed_codes=(0, 3))
-            last = [line for line in (registered + "\n" + verdict).splitlines() if line.strip()]
-            decisions[model] = ("promoted: " if code == 0 else "refused: ") + (last[-1] if last else "")
+            cli(["register", "--model", model], root, timeout_s=stage_timeout_s)
+            # The gate refusing a version (exit 3) is a decision, not a failure of the run.
+            code, verdict = cli(["promote", "--model", model], root, allowed_codes=(0, 3), timeout_s=stage_timeout_s)
+            lines = [line for line in verdict.splitlines() if line.strip()]
+            # A refusal prints its reasons first, then the gate's table; a promotion ends with what it did.
+            said = [line for line in lines if line.startswith("weather-restore promote:")][:1] or lines[-1:]
+            decisions[model] = "; ".join(
+                [f"{'promoted' if code == 0 else 'refused'}: {registry_state(Path(root), model)}", *said]
+            )
     markdown = summary_markdown(Path(root), models, results, decisions)
     create_markdown_artifact(markdown=markdown, key="weather-pipeline", description="models compared per weather")
     return {"stages": [asdict(r) for r in results], "decisions": decisions}
 
 
 @flow(name="evaluate-champions", log_prints=True)
-def evaluate_champions(models: list[str] | None = None, repo: str = ".") -> dict[str, Any]:
+def evaluate_champions(
+    models: list[str] | None = None, repo: str = ".", stage_timeout_s: float = 3600
+) -> dict[str, Any]:
     """Evaluate each model's `champion` registry version on the current test split and report."""
     models = list(models or MODELS)
     root = str(Path(repo).resolve())
-    repro("split", root)
+    repro("split", root, stage_timeout_s)
     rows = ["| model | version | PSNR | SSIM | input PSNR |", "|---|---|---|---|---|"]
     results = {}
     for model in models:
         out = Path(root) / "reports" / "champion" / model
         uri = f"models:/{REGISTERED_NAMES[model]}@champion"
-        cli(["evaluate", "--model", model, "--model-uri", uri, "--out", str(out)], root)
+        cli(["evaluate", "--model", model, "--model-uri", uri, "--out", str(out)], root, timeout_s=stage_timeout_s)
         metrics = json.loads((out / "metrics.json").read_text())
         overall = metrics["overall"]
         results[model] = metrics

@@ -1,11 +1,16 @@
 """The Prefect flows over a real DVC pipeline, under Prefect's test harness (a real temporary server)."""
 
+import json
 import os
+import subprocess
+import time
 
 import pytest
 import yaml
+from prefect import flow
 
-from pipelines.flows import StageFailed, weather_pipeline
+from pipelines.flows import StageFailed, registry_state, stream, weather_pipeline
+from weather_restore.cli import build_parser
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +52,52 @@ def test_a_failing_stage_fails_the_flow_with_its_message(tiny_repo):
     assert state.is_failed()
     with pytest.raises(StageFailed, match="no_such_photo.*not available"):
         state.result()
+
+
+def test_a_stage_past_its_timeout_is_stopped_with_everything_it_started(tmp_path):
+    pid_file = tmp_path / "child.pid"
+
+    @flow
+    def slow_stage() -> tuple[int, list[str]]:
+        # The shell stands for DVC, the sleep for the stage command DVC runs.
+        return stream(["sh", "-c", f"sleep 120 & echo $! > {pid_file}; wait"], tmp_path, timeout_s=2)
+
+    start = time.monotonic()
+    with pytest.raises(StageFailed, match="ran past its 2 s timeout"):
+        slow_stage()
+    assert time.monotonic() - start < 30
+    child = int(pid_file.read_text())
+    ps = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True)
+    assert ps.returncode != 0 or ps.stdout.strip().startswith("Z"), f"the stage's child {child} still runs"
+
+
+def test_registry_state_names_the_version_of_this_run_and_the_champion(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("flows", artifact_location=(tmp_path / "artifacts").as_uri())
+    old, new = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.create_registered_model("DwGN")
+    for run_id in (old, new, new):
+        client.create_model_version("DwGN", source=f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias("DwGN", "champion", "1")
+    run_json = tmp_path / "models" / "dwgn" / "run.json"
+    run_json.parent.mkdir(parents=True)
+    run_json.write_text(json.dumps({"model": "dwgn", "run_id": new, "tracking_uri": uri}))
+
+    assert registry_state(tmp_path, "dwgn") == f"DwGN v3 from run {new}; champion v1"
+
+
+@pytest.mark.skipif("promote" not in build_parser()[1], reason="the registry subcommands are not there yet")
+def test_a_promotion_then_a_refusal_by_the_gate_both_complete_the_flow(tiny_repo):
+    first = weather_pipeline(models=["dwgn"], promote=True, repo=str(tiny_repo))
+    assert first["decisions"]["dwgn"].startswith("promoted: DwGN v1 from run ")
+    assert "champion v1" in first["decisions"]["dwgn"]
+
+    # A new training, so a new version, that cannot gain the 100 dB the gate now asks for: promote exits 3.
+    overrides = {"training.dwgn.iterations": 3, "registry.min_delta": 100}
+    second = weather_pipeline(models=["dwgn"], params=overrides, promote=True, repo=str(tiny_repo))
+    assert second["decisions"]["dwgn"].startswith("refused: DwGN v2 from run ")
+    assert "champion v1" in second["decisions"]["dwgn"]
+    assert "refused to promote DwGN version 2" in second["decisions"]["dwgn"]

@@ -1,0 +1,218 @@
+"""The deployment as a user runs it: a real `prefect server start`, a process work pool, `prefect deploy --all`
+from the repository's own prefect.yaml, `prefect deployment run` and a worker that runs that one flow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+POOL = "weather-restore"
+DEPLOYMENT = "weather-pipeline/weather-pipeline"
+SERVER_START_S = 180
+CLI_S = 180
+FLOW_RUN_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else "(no log)"
+    return f"--- last {lines} lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a process started in its own session, with everything it started (the server's services, the
+    worker's flow run), politely first."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+    logs: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], cwd: Path, **env: str) -> tuple[subprocess.Popen, Path]:
+        """Start a long-running command in its own process group, its output in logs/<name>.log."""
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as handle:
+            process = subprocess.Popen(
+                cmd,
+                cwd=cwd,
+                env={**self.env, **env},
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process, log
+
+    def cli(self, *args: str, cwd: Path, **env: str) -> str:
+        """A short `prefect` command against this server; fails the test with its output if it fails."""
+        cmd = [str(Path(sys.executable).parent / "prefect"), *args]
+        try:
+            result = subprocess.run(
+                cmd, cwd=cwd, env={**self.env, **env}, capture_output=True, text=True, timeout=CLI_S
+            )
+        except subprocess.TimeoutExpired as error:
+            pytest.fail(f"`{' '.join(cmd)}` ran past {CLI_S} s:\n{error.stdout}\n{error.stderr}\n{self.log_tails()}")
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{output}"
+        return output
+
+    def log_tails(self) -> str:
+        return "\n".join(tail(path) for path in sorted(self.logs.glob("*.log")))
+
+
+def prefect_environment(home: Path, api_url: str) -> dict[str, str]:
+    """This interpreter's tools first on PATH, Prefect pointed at the test server, every telemetry off."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_", "MLFLOW_"))}
+    return {
+        **env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_STUDIO_OFFLINE": "1",
+        "ITERATIVE_DO_NOT_TRACK": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+
+
+@pytest.fixture
+def server(tmp_path) -> Iterator[Server]:
+    """`prefect server start` on a free local port with its own PREFECT_HOME (its own SQLite database)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = Server(url, prefect_environment(tmp_path / "prefect-home", url), logs)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    process, log = server.start(
+        "server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], tmp_path
+    )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"prefect server exited with {process.returncode} while starting\n{tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not answer {url}/health within {SERVER_START_S} s\n{tail(log)}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        for started in reversed(server.processes):
+            stop(started)
+
+
+def read_flow_run(api_url: str, flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        deployment = client.read_deployment(flow_run.deployment_id)
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    return flow_run, deployment, artifacts
+
+
+def test_deployment_runs_on_a_process_worker_in_the_repository(server, tiny_repo, tmp_path):
+    server.cli("work-pool", "create", POOL, "--type", "process", cwd=tmp_path)
+    deployed = server.cli("deploy", "--all", "--no-prompt", cwd=tiny_repo)
+    assert "weather-pipeline/weather-pipeline" in deployed and "evaluate-champions/evaluate-champions" in deployed
+
+    created = server.cli(
+        "deployment",
+        "run",
+        DEPLOYMENT,
+        "-p",
+        'models=["dwgn"]',
+        "-p",
+        'params={"training.dwgn.iterations": 4}',
+        cwd=tmp_path,
+    )
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", created)
+    assert match, f"no flow run id in the output of `prefect deployment run`:\n{created}"
+    flow_run_id = match.group(1)
+
+    # The worker starts elsewhere: the deployment's pull step must move the flow run into the repository.
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    worker, worker_log = server.start(
+        "worker",
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
+        elsewhere,
+        WEATHER_RESTORE_REPO=str(tiny_repo),
+    )
+    try:
+        worker.wait(timeout=FLOW_RUN_S)
+    except subprocess.TimeoutExpired:
+        stop(worker)
+        pytest.fail(f"the worker did not finish the flow run within {FLOW_RUN_S} s\n{server.log_tails()}")
+
+    flow_run, deployment, artifacts = read_flow_run(server.url, flow_run_id)
+    assert flow_run.state.is_completed(), (
+        f"flow run {flow_run.name} ended {flow_run.state.type.value}: {flow_run.state.message}\n"
+        f"worker exit {worker.returncode}\n{server.log_tails()}"
+    )
+    assert worker.returncode == 0, tail(worker_log)
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $WEATHER_RESTORE_REPO }}"}}
+    ]
+    assert flow_run.parameters["models"] == ["dwgn"]
+    assert "iterations: 4" in (tiny_repo / "params.yaml").read_text()
+
+    metrics = json.loads((tiny_repo / "reports" / "dwgn" / "metrics.json").read_text())
+    assert metrics["overall"]["psnr"] > 0
+    assert (tiny_repo / "models" / "dwgn" / "checkpoint.pt").is_file()
+    assert not (elsewhere / "models").exists() and not (elsewhere / "dvc.lock").exists()
+    run_id = json.loads((tiny_repo / "models" / "dwgn" / "run.json").read_text())["run_id"]
+    from mlflow import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tiny_repo / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics, f"MLflow run {run_id}: {run.info}"
+
+    (artifact,) = [a for a in artifacts if a.key == "weather-pipeline"]
+    assert artifact.type == "markdown"
+    assert run_id in artifact.data and "train@dwgn" in artifact.data

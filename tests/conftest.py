@@ -109,14 +109,7 @@ TINY_TRAINING = {
 # Fewer blocks than TINY_MODELS: the ONNX exporters' tracing time grows with every block.
 EXPORTABLE_MODELS = {
     "dynstaticnet": {"dim": 8, "blocks": [1, 0, 0], "refinement_blocks": 0, "heads": [1, 1, 1]},
-    "dwgn": {
-        "dim": 16,
-        "head_dim": 16,
-        "window": 4,
-        "encoder_blocks": [1, 0, 0],
-        "bottleneck_blocks": 0,
-        "decoder_blocks": [0, 0, 0],
-    },
+    "dwgn": {**TINY_MODELS["dwgn"], "decoder_blocks": [0, 0, 0]},
 }
 
 

@@ -27,8 +27,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from weather_restore.registry import REGISTERED_NAMES
+
 MODELS = ("dynstaticnet", "dwgn")
-REGISTERED_NAMES = {"dynstaticnet": "DynStaticNet", "dwgn": "DwGN"}
 QUIET_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "DVC_STUDIO_OFFLINE": "1",

@@ -112,11 +112,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
-def load_model(path: Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a checkpoint, rebuilt from the name and constructor arguments stored in it."""
+def load_model(path: Path, map_location: str | torch.device = "cpu", expected: str | None = None) -> nn.Module:
+    """The trained model of a checkpoint, rebuilt from the name and constructor arguments stored in it; with
+    `expected`, a checkpoint of another model is refused."""
     from weather_restore.models import build_model
 
     state = load_checkpoint(path, map_location)
+    if expected is not None and state["model_name"] != expected:
+        raise ModelFileError(f"{path}: holds a {state['model_name']} model, not {expected}")
     model = build_model(state["model_name"], **state["model_config"])
     model.load_state_dict(state["model"])
     return model.to(map_location).eval()

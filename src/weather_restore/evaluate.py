@@ -22,7 +22,6 @@ from torch import nn
 from weather_restore.data.clips import Clip, load_clip, read_manifest
 from weather_restore.data.frames import to_uint8
 from weather_restore.data.records import WEATHERS
-from weather_restore.errors import ModelFileError
 from weather_restore.inference import is_video_model, restore_clip
 from weather_restore.metrics import LPIPSMetric, count_flops, psnr, ssim
 from weather_restore.progress import progress
@@ -176,12 +175,9 @@ def load_for_evaluation(
             mlflow.set_tracking_uri(tracking_uri)
         with own_pickles_allowed():
             return mlflow.pytorch.load_model(model_uri, map_location=device)
-    from weather_restore.checkpoint import load_checkpoint, load_model
+    from weather_restore.checkpoint import load_model
 
-    name = load_checkpoint(checkpoint).get("model_name", model_name)
-    if name != model_name:
-        raise ModelFileError(f"{checkpoint}: holds a {name} model, not {model_name}")
-    return load_model(checkpoint, device)
+    return load_model(checkpoint, device, expected=model_name)
 
 
 def log_evaluation(run_json: Path, metrics: dict[str, Any], reports_dir: Path) -> None:

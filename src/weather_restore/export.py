@@ -165,12 +165,9 @@ def export_model(
     cfg: ExportConfig,
 ) -> dict[str, Any]:
     """The stage: export, check, check parity on the first test clip at two sizes, time both runtimes, report."""
-    from weather_restore.checkpoint import load_checkpoint, load_model
+    from weather_restore.checkpoint import load_model
 
-    found = load_checkpoint(checkpoint).get("model_name", model_name)
-    if found != model_name:
-        raise ModelFileError(f"{checkpoint}: holds a {found} model, not {model_name}")
-    model = load_model(checkpoint, "cpu").float().eval()
+    model = load_model(checkpoint, "cpu", expected=model_name).float().eval()
     checksum, clips = read_manifest(data_root)
     test = [clip for clip in clips if clip.split == "test"]
     if not test:

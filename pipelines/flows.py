@@ -155,6 +155,7 @@ def set_params(overrides: dict[str, Any], repo: str) -> dict[str, Any]:
     from ruamel.yaml import YAML
 
     from weather_restore.config import parse_params
+    from weather_restore.outputs import atomic_path
 
     path = Path(repo) / "params.yaml"
     yaml = YAML()
@@ -167,10 +168,8 @@ def set_params(overrides: dict[str, Any], repo: str) -> dict[str, Any]:
         node[leaf] = value
     plain = json.loads(json.dumps(document, default=list))
     parse_params(plain, f"{path} with overrides {overrides}")
-    tmp = path.with_name(".params.yaml.tmp")
-    with open(tmp, "w") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w") as handle:
         yaml.dump(document, handle)
-    os.replace(tmp, path)
     get_run_logger().info("params.yaml updated: %s", overrides)
     return overrides
 

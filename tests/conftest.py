@@ -119,6 +119,30 @@ def exportable_models() -> dict:
     return EXPORTABLE_MODELS
 
 
+@pytest.fixture(scope="session")
+def exported_models(tmp_path_factory, tiny_mwvd) -> dict[str, dict[str, Path]]:
+    """Per model: an untrained (seed 0) exportable checkpoint and its ONNX graph made by the export stage (stamped
+    with the metadata restore and the registry require, parity checked), with the stage's report."""
+    import torch
+
+    from weather_restore.checkpoint import save_checkpoint
+    from weather_restore.config import ExportConfig
+    from weather_restore.export import export_model
+    from weather_restore.models import build_model
+
+    root = tmp_path_factory.mktemp("exported")
+    files = {}
+    for name, config in EXPORTABLE_MODELS.items():
+        torch.manual_seed(0)
+        model = build_model(name, **config).eval()
+        checkpoint = root / f"{name}.pt"
+        save_checkpoint(checkpoint, {"model": model.state_dict(), "model_name": name, "model_config": config})
+        onnx_path, report = root / f"{name}.onnx", root / f"{name}-export.json"
+        export_model(name, checkpoint, tiny_mwvd, onnx_path, report, ExportConfig(latency_repeats=1))
+        files[name] = {"pt": checkpoint, "onnx": onnx_path, "report": report}
+    return files
+
+
 @pytest.fixture
 def tiny_models() -> dict:
     """Constructor arguments of tiny versions of both models (seconds to train on a CPU)."""
@@ -129,11 +153,11 @@ def tiny_models() -> dict:
 def tiny_params_dict():
     """A factory of params mappings with tiny models and a few-iteration training of `model`, MLflow off."""
 
-    def make(model: str, tracking: bool = False, model_format: str = "auto", **training) -> dict:
+    def make(model: str, tracking: bool = False, **training) -> dict:
         return {
             "models": TINY_MODELS,
             "training": {model: {**TINY_TRAINING, **training}},
-            "tracking": {"enabled": tracking, "model_format": model_format},
+            "tracking": {"enabled": tracking},
         }
 
     return make

@@ -44,7 +44,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 def test_a_file_that_needs_code_to_load_is_refused(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"format": 1, "payload": np.random.default_rng(0)}, path)  # an arbitrary object: pickled code
-    with pytest.raises(ModelFileError, match=r"checkpoint\.pt: not a readable checkpoint"):
+    with pytest.raises(ModelFileError, match=r"checkpoint\.pt: not a weather-restore checkpoint \(weights-only"):
         load_checkpoint(path)
 
 

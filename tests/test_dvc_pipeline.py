@@ -1,15 +1,297 @@
-"""Real `dvc repro` of the pipeline in a temporary copy of the repository (fixtures in conftest.py)."""
+"""Real `dvc repro` of the pipeline in a temporary copy of the repository (fixtures in conftest.py), and each
+stage's code dependencies in dvc.yaml checked against the code the stage runs."""
 
+import ast
 import json
+import os
+import shlex
+import tomllib
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import yaml
 
+from weather_restore.cli import build_parser
 from weather_restore.data.records import WEATHERS
+from weather_restore.models import MODEL_NAMES
 
-pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+PACKAGE = "weather_restore"
+
+# --- the files of the package a stage runs, read from the code ------------------------------------------------
 
 
+def module_file(name: str) -> Path | None:
+    base = SRC.joinpath(*name.split("."))
+    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
+
+
+def package_imports(nodes: list[ast.AST]) -> tuple[dict[str, tuple[str, ...]], set[str]]:
+    """The package's import statements within `nodes`: (name -> ("module", M) | ("symbol", M, attr), modules)."""
+    bindings: dict[str, tuple[str, ...]] = {}
+    loads: set[str] = set()
+    for node in (sub for top in nodes for sub in ast.walk(top)):
+        if isinstance(node, ast.Import):
+            for alias in (a for a in node.names if a.name.split(".")[0] == PACKAGE):
+                loads.add(alias.name)
+                bindings[alias.asname or PACKAGE] = ("module", alias.name if alias.asname else PACKAGE)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE:
+            loads.add(node.module)
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                if module_file(submodule):
+                    loads.add(submodule)
+                bindings[alias.asname or alias.name] = (
+                    ("module", submodule) if module_file(submodule) else ("symbol", node.module, alias.name)
+                )
+    return bindings, loads
+
+
+class ModuleCode:
+    """A module's top-level definitions, the code that runs when it is imported, and what that code imports."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.defs: dict[str, ast.AST] = {}
+        self.on_import: list[ast.AST] = []
+        for stmt in ast.parse(module_file(name).read_text()).body:
+            if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
+                continue
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                self.defs[stmt.name] = stmt
+                self.on_import.extend(stmt.decorator_list)
+                if isinstance(stmt, ast.ClassDef):  # bases and class attributes run on import, methods when called
+                    self.on_import.extend(stmt.bases)
+                    self.on_import.extend(s for s in stmt.body if not isinstance(s, ast.FunctionDef))
+            else:
+                self.on_import.append(stmt)
+        self.bindings, self.loads = package_imports(self.on_import)
+
+
+class StageCode:
+    """The package's files a stage's command runs, read from the code (no stage is run).
+
+    `must`: what it loads on any path: the import-time closure of the entry point's module and of the imports
+    that open the subcommand's handler. `may`: every file it can run: imports inside functions are followed
+    through every function the handler can reach by name. Two branches are read from the command line: the CLI
+    runs only the handler of the stage's subcommand, and `build_model(name)` imports only the module of the model
+    the stage names with `--model`.
+    """
+
+    def __init__(self, cmd: str) -> None:
+        args = shlex.split(cmd)
+        scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+        self.entry_module, entry = scripts[args[0]].split(":")
+        handler = build_parser()[1][args[1]]
+        self.handler = (handler.__module__, handler.__name__)
+        model = args[args.index("--model") + 1] if "--model" in args else None
+        self.skipped = {f"{PACKAGE}.models.{name}" for name in MODEL_NAMES if model and name != model}
+        self.code: dict[str, ModuleCode] = {}
+        self.loaded: set[str] = set()
+        self.reached: set[tuple[str, str]] = set()
+
+        opening = []
+        for stmt in self.module(self.handler[0]).defs[self.handler[1]].body:
+            if not isinstance(stmt, ast.Import | ast.ImportFrom | ast.Expr):  # the docstring is an Expr
+                break
+            opening.append(stmt)
+        self.must = self._import_closure({self.entry_module, *package_imports(opening)[1]})
+        self.load(self.entry_module)
+        self.reach(self.entry_module, entry)
+        self.reach(*self.handler)
+        self.may = {self.file(name) for name in self.loaded}
+
+    def file(self, module: str) -> str:
+        return module_file(module).relative_to(REPO).as_posix()
+
+    def module(self, name: str) -> ModuleCode:
+        if name not in self.code:
+            self.code[name] = ModuleCode(name)
+        return self.code[name]
+
+    def _import_closure(self, names: set[str]) -> set[str]:
+        done: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            parts = name.split(".")
+            for prefix in (".".join(parts[: i + 1]) for i in range(len(parts))):
+                if prefix not in done:
+                    done.add(prefix)
+                    todo.extend(self.module(prefix).loads)
+        return {self.file(name) for name in done}
+
+    def load(self, name: str) -> None:
+        """Import `name`: its parent packages, then its import-time code."""
+        if name in self.loaded or name in self.skipped:
+            return
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            self.load(".".join(parts[:i]))
+        self.loaded.add(name)
+        code = self.module(name)
+        for target in code.loads:
+            self.load(target)
+        for node in code.on_import:
+            self.follow(code, {}, node)
+
+    def reach(self, module: str, name: str) -> None:
+        """Call (or use) the top-level function or class `name` of `module`."""
+        if (module, name) in self.reached or module in self.skipped:
+            return
+        if module == self.entry_module and name.startswith("cmd_") and (module, name) != self.handler:
+            return  # another subcommand's handler: registered in the parser, never called by this stage
+        code = self.module(module)
+        if name not in code.defs:
+            return
+        self.load(module)
+        self.reached.add((module, name))
+        bindings, loads = package_imports([code.defs[name]])
+        for target in loads:
+            self.load(target)
+        self.follow(code, bindings, code.defs[name])
+
+    def follow(self, code: ModuleCode, local: dict[str, tuple[str, ...]], node: ast.AST) -> None:
+        """Reach every function or class `node` names, directly or as `module.name`."""
+        bases = {id(sub.value) for sub in ast.walk(node) if isinstance(sub, ast.Attribute)}
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name):
+                self.resolve(code, local, sub.value.id, sub.attr)
+            elif isinstance(sub, ast.Name) and id(sub) not in bases:
+                self.resolve(code, local, sub.id, None)
+
+    def resolve(self, code: ModuleCode, local: dict[str, tuple[str, ...]], name: str, attr: str | None) -> None:
+        target = local.get(name) or code.bindings.get(name)
+        if target is None:
+            self.reach(code.name, name)
+        elif target[0] == "symbol":
+            self.symbol(target[1], target[2])
+        elif attr is None:  # a module passed around whole: any of its functions may run
+            for each in list(self.module(target[1]).defs):
+                self.reach(target[1], each)
+        elif module_file(f"{target[1]}.{attr}"):
+            self.load(f"{target[1]}.{attr}")
+        else:
+            self.symbol(target[1], attr)
+
+    def symbol(self, module: str, name: str) -> None:
+        """`from module import name`: a function or class of it, or a name it imports in turn."""
+        if module in self.skipped:
+            return
+        code = self.module(module)
+        if name in code.defs:
+            self.reach(module, name)
+        elif (target := code.bindings.get(name)) is not None and target != ("symbol", module, name):
+            if target[0] == "symbol":
+                self.symbol(target[1], target[2])
+            else:
+                self.load(target[1])
+
+
+def pipeline_stages(root: Path = REPO) -> dict[str, dict]:
+    """dvc.yaml's stages by name, `foreach` expanded (`train@dwgn`)."""
+    stages = {}
+    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" in stage:
+            template = yaml.safe_dump(stage["do"])
+            for item in stage["foreach"]:
+                stages[f"{name}@{item}"] = yaml.safe_load(template.replace("${item}", item))
+        else:
+            stages[name] = stage
+    return stages
+
+
+def code_deps(stage: dict) -> set[str]:
+    return {dep for dep in stage.get("deps", []) if dep.startswith(f"src/{PACKAGE}/")}
+
+
+@pytest.mark.parametrize("name", sorted(pipeline_stages()))
+def test_each_stage_depends_on_the_code_it_runs_and_no_other(name):
+    stage = pipeline_stages()[name]
+    code = StageCode(stage["cmd"])
+    listed = code_deps(stage)
+    missing, unused = sorted(code.must - listed), sorted(listed - code.may)
+    assert not missing, f"{name} always runs these files, which dvc.yaml does not list"
+    assert not unused, f"{name} can never run these files, which dvc.yaml lists"
+    assert all((REPO / dep).is_file() for dep in listed)
+
+
+# --- the files of the package a stage loads, seen in a real run -------------------------------------------------
+
+# Every Python process started with this folder on PYTHONPATH appends its argv and each package module it
+# imports to <log>/<pid>.log; a forked worker writes into its parent's log.
+IMPORT_LOGGER = """
+import os
+import sys
+
+if folder := os.environ.get("WEATHER_RESTORE_IMPORT_LOG"):
+    log = os.path.join(folder, f"{os.getpid()}.log")
+
+    def record(event, args):
+        if event == "import" and args[0].startswith("weather_restore"):
+            if not os.path.exists(log):
+                with open(log, "a") as file:
+                    file.write("\\0".join(sys.argv) + "\\n")
+            with open(log, "a") as file:
+                file.write(args[0] + "\\n")
+
+    sys.addaudithook(record)
+"""
+
+
+def log_imports(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Path:
+    """Make every Python process started from here on log the package modules it imports into `folder`."""
+    (folder / "site").mkdir(parents=True)
+    (folder / "site" / "sitecustomize.py").write_text(IMPORT_LOGGER)
+    (folder / "log").mkdir()
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("WEATHER_RESTORE_IMPORT_LOG", str(folder / "log"))
+    return folder / "log"
+
+
+def files_loaded_by_stage(log: Path, stages: dict[str, dict]) -> dict[str, set[str]]:
+    """The package's files each stage's command imported, by the command line each log records."""
+    by_args = {tuple(shlex.split(stage["cmd"])[1:]): name for name, stage in stages.items()}
+    loaded: dict[str, set[str]] = defaultdict(set)
+    for path in log.glob("*.log"):
+        argv, *modules = path.read_text().splitlines()
+        if (name := by_args.get(tuple(argv.split("\0")[1:]))) is not None:
+            loaded[name] |= {module_file(m).relative_to(REPO).as_posix() for m in modules if module_file(m)}
+    return loaded
+
+
+# One appended comment in each file, and the stages `dvc status` must then call changed: exactly these.
+EDITS = {
+    # train validates with restore_clip, which lives in inference.py beside the loaders of `restore`.
+    "src/weather_restore/inference.py": {
+        "train@dynstaticnet", "train@dwgn", "evaluate@dynstaticnet", "evaluate@dwgn",
+        "export@dynstaticnet", "export@dwgn", "compare",
+    },
+    "src/weather_restore/evaluate.py": {"evaluate@dynstaticnet", "evaluate@dwgn", "compare"},
+    "src/weather_restore/metrics.py": {
+        "evaluate@dynstaticnet", "evaluate@dwgn", "export@dynstaticnet", "export@dwgn", "compare",
+    },
+    "src/weather_restore/models/dwgn.py": {"train@dwgn", "evaluate@dwgn", "export@dwgn"},
+    "src/weather_restore/restore.py": set(),
+    "src/weather_restore/registry.py": set(),
+}  # fmt: skip
+
+
+def stages_changed_by_editing(root: Path, run, path: str) -> dict[str, list]:
+    """`dvc status --json` after appending a comment to `path` (put back afterwards): stage -> its changes."""
+    original = (root / path).read_bytes()
+    (root / path).write_bytes(original + b"\n# an edit that changes nothing the code does\n")
+    try:
+        return json.loads(run(["dvc", "status", "--json"], root))
+    finally:
+        (root / path).write_bytes(original)
+
+
+@pytest.mark.slow
 def test_data_stages_run_then_second_repro_is_a_no_op(tiny_repo, run):
     run(["dvc", "repro", "split"], tiny_repo)
     manifest = json.loads((tiny_repo / "data/mwvd/manifest.json").read_text())
@@ -27,6 +309,7 @@ def test_data_stages_run_then_second_repro_is_a_no_op(tiny_repo, run):
     assert (tiny_repo / "data/mwvd/manifest.json").read_bytes() == first
 
 
+@pytest.mark.slow
 def test_changing_clip_params_reruns_only_split(tiny_repo, run):
     run(["dvc", "repro", "split"], tiny_repo)
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
@@ -37,8 +320,11 @@ def test_changing_clip_params_reruns_only_split(tiny_repo, run):
     assert "Running stage 'assemble'" not in out
 
 
-def test_whole_pipeline_trains_evaluates_and_exports_both_models_then_is_a_no_op(tiny_repo, run):
-    out = run(["dvc", "repro"], tiny_repo)
+@pytest.mark.slow
+def test_whole_pipeline_trains_evaluates_and_exports_both_models_then_is_a_no_op(tiny_repo, run, monkeypatch, tmp_path):
+    with monkeypatch.context() as logging_imports:
+        log = log_imports(logging_imports, tmp_path / "imports")
+        out = run(["dvc", "repro"], tiny_repo)
     for model in ("dynstaticnet", "dwgn"):
         for stage in ("train", "evaluate", "export"):
             assert f"Running stage '{stage}@{model}'" in out
@@ -52,8 +338,19 @@ def test_whole_pipeline_trains_evaluates_and_exports_both_models_then_is_a_no_op
         assert run_id
     assert "| dynstaticnet | overall |" in (tiny_repo / "reports" / "compare.md").read_text()
 
+    stages = pipeline_stages(tiny_repo)
+    loaded = files_loaded_by_stage(log, stages)
+    assert set(loaded) == set(stages), "every stage ran and imported the package"
+    for name, stage in stages.items():
+        assert not sorted(loaded[name] - code_deps(stage)), f"{name} imported files dvc.yaml does not list"
+
     again = run(["dvc", "repro"], tiny_repo)
     assert "Running stage" not in again
+    for path, expected in EDITS.items():
+        changed = stages_changed_by_editing(tiny_repo, run, path)
+        assert set(changed) == expected, path
+        assert all(changes == [{"changed deps": {path: "modified"}}] for changes in changed.values()), path
+    assert json.loads(run(["dvc", "status", "--json"], tiny_repo)) == {}
 
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     params["training"]["dwgn"]["iterations"] += 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -32,44 +30,10 @@ def frames(count: int, height: int = 24, width: int = 40, seed: int = 0) -> list
     return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def save_tiny(path, name: str, config: dict) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(name, **config).eval()
-    save_checkpoint(path, {"model": model.state_dict(), "model_name": name, "model_config": config})
-    return model
-
-
-def export_onnx(model: nn.Module, name: str, path) -> None:
-    """The exporter call the model tests settled on: dynamo, opset 18, dynamic batch, frames and size."""
-    dynamic = torch.export.Dim.DYNAMIC
-    if name == "dynstaticnet":
-        example, axes = torch.rand(1, 3, 3, 32, 64), {0: dynamic, 1: dynamic, 3: dynamic, 4: dynamic}
-    else:
-        example, axes = torch.rand(2, 3, 32, 64), {0: dynamic, 2: dynamic, 3: dynamic}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            dynamo=True,
-            opset_version=18,
-            input_names=["degraded"],
-            output_names=["restored"],
-            dynamic_shapes={"degraded": axes},
-        )
-
-
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory, exportable_models) -> dict[str, dict]:
-    """Per model: a .pt checkpoint and the same weights exported to .onnx (about 20 s per export)."""
-    root = tmp_path_factory.mktemp("models")
-    files = {}
-    for name, config in exportable_models.items():
-        model = save_tiny(root / f"{name}.pt", name, config)
-        export_onnx(model, name, root / f"{name}.onnx")
-        files[name] = {"pt": root / f"{name}.pt", "onnx": root / f"{name}.onnx"}
-    return files
+def model_files(exported_models) -> dict[str, dict]:
+    """Per model: a .pt checkpoint and the same weights exported to .onnx by the export stage (once a session)."""
+    return exported_models
 
 
 def identity(name: str, calls: list | None = None) -> LoadedModel:
@@ -251,7 +215,7 @@ def test_a_model_file_that_does_not_match_the_model_name_is_refused(kind, model_
 def test_unusable_model_arguments_say_what_is_wrong(tmp_path, model_files):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelFileError, match="not a readable checkpoint"):
+    with pytest.raises(ModelFileError, match="garbage.pt: not a weather-restore checkpoint"):
         load_restorer(str(garbage))
     garbage_onnx = tmp_path / "garbage.onnx"
     garbage_onnx.write_bytes(b"not onnx")
@@ -275,59 +239,56 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path, t
 
 
 PYFUNC_CODE = """
-import mlflow
-import numpy as np
-import torch
+import pathlib
 
-from weather_restore.checkpoint import load_model
+import mlflow
+
+pathlib.Path(MARKER).write_text("the model's code ran")
 
 
 class Restorer(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        self.model = load_model(context.artifacts["checkpoint"])
-
     def predict(self, context, model_input, params=None):
-        with torch.no_grad():
-            return self.model(torch.from_numpy(np.asarray(model_input, dtype=np.float32))).numpy()
+        return model_input
 
 
 mlflow.models.set_model(Restorer())
 """
 
 
-def test_a_registry_uri_loads_through_mlflow_pyfunc_and_matches_pytorch(tmp_path, tiny_models, monkeypatch):
-    """A stand-in for the registry's pyfunc: predict takes and returns the model's own layout."""
+def test_a_registered_pyfunc_made_of_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    """A models-from-code pyfunc runs its file when loaded: only the ONNX flavour loads from the registry."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.tracking._tracking_service import utils
     from mlflow.types import Schema, TensorSpec
 
+    from weather_restore.errors import RegistryError
+
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # put MLflow's global URI back afterwards
-    checkpoint = tmp_path / "dwgn.pt"
-    save_tiny(checkpoint, "dwgn", tiny_models["dwgn"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("restore-test")
-    code = tmp_path / "restorer.py"
-    code.write_text(PYFUNC_CODE)
+    experiment = mlflow.MlflowClient().create_experiment("restore-test", (tmp_path / "artifacts").as_uri())
+    code = tmp_path / "code" / "restorer.py"
+    code.parent.mkdir()
+    marker = tmp_path / "marker"
+    code.write_text(PYFUNC_CODE.replace("MARKER", repr(str(marker))))
     frame = TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code),
-            artifacts={"checkpoint": str(checkpoint)},
             signature=ModelSignature(inputs=Schema([frame]), outputs=Schema([frame])),
             pip_requirements=[],
         )
     version = mlflow.register_model(info.model_uri, "DwGN").version
     mlflow.MlflowClient().set_registered_model_alias("DwGN", "champion", version)
+    marker.unlink(missing_ok=True)  # logging may run the file once, to check it
+    stored = list((tmp_path / "artifacts").rglob("restorer.py"))
+    assert stored and "write_text" in stored[0].read_text()  # what a load would run
 
-    registered = load_restorer("models:/DwGN@champion", tracking_uri=uri)
-    assert (registered.name, registered.backend) == ("dwgn", "mlflow")
-    clip = frames(2, 32, 40)
-    expected = list(restore_frames(clip, load_restorer(str(checkpoint)), tile=0))
-    for ours, theirs in zip(restore_frames(clip, registered, tile=0), expected, strict=True):
-        np.testing.assert_array_equal(ours, theirs)
-    with pytest.raises(ModelFileError, match="models:/DwGN@nobody: cannot load"):
+    with pytest.raises(RegistryError, match=r"models:/DwGN@champion \(version 1\): not an ONNX model \(its python_"):
+        load_restorer("models:/DwGN@champion", tracking_uri=uri)
+    assert not marker.exists()
+    with pytest.raises(RegistryError, match="models:/DwGN@nobody: cannot load"):
         load_restorer("models:/DwGN@nobody", tracking_uri=uri)

@@ -1,9 +1,9 @@
 """The model registry against a real `mlflow server` on 127.0.0.1 (one for the module): registration, the promotion
 gate, aliases, rollback, loading by alias, concurrent registrations and the CLI.
 
-Two tiny models are really trained, evaluated and logged; the gate's candidates are real runs holding a real
-(untrained) model whose test metrics are chosen. Each test works on registered models of its own name, except the
-CLI's, which owns `DynStaticNet` and `DwGN`.
+Two tiny models are really trained, evaluated, exported and logged; the gate's candidates are real runs holding the
+export stage's ONNX graph of a real (untrained) model, their test metrics chosen. Each test works on registered
+models of its own name, except the CLI's, which owns `DynStaticNet` and `DwGN`.
 """
 
 import getpass
@@ -15,21 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
 
 from weather_restore.checkpoint import load_model
 from weather_restore.cli import main
-from weather_restore.config import parse_params
+from weather_restore.config import ExportConfig, parse_params
 from weather_restore.data.clips import read_manifest
 from weather_restore.errors import PromotionRefused, RegistryError
 from weather_restore.evaluate import evaluate_model, log_evaluation
+from weather_restore.export import export_model, log_export
 from weather_restore.inference import load_restorer
-from weather_restore.models import build_model
 from weather_restore.registry import compare, connect, promote, register, rollback
 from weather_restore.tracking import RunInfo, read_run_info, write_run_info
-from weather_restore.train import log_model, train
+from weather_restore.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -86,8 +87,8 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(server, tiny_mwvd, tiny_params_dict, tmp_path_factory) -> dict[str, Trained]:
-    """Both tiny models trained a few iterations into the server, evaluated, and their evaluation logged."""
+def trained(server, tiny_mwvd, tiny_params_dict, exportable_models, tmp_path_factory) -> dict[str, Trained]:
+    """Both tiny models trained a few iterations into the server, evaluated and exported, as the pipeline does."""
     project = tmp_path_factory.mktemp("trained") / "project"
     commit = git_project(project)
     write_params(project)
@@ -96,13 +97,18 @@ def trained(server, tiny_mwvd, tiny_params_dict, tmp_path_factory) -> dict[str, 
     torch.set_num_threads(1)
     try:
         for model in MODELS:
-            params = parse_params(tiny_params_dict(model, tracking=True, model_format="pickle"))
+            params = parse_params({**tiny_params_dict(model, tracking=True), "models": exportable_models})
             out, reports = project / "models" / model, project / "reports" / model
             train(model, params, data_root=tiny_mwvd, out_dir=out, reports_dir=reports, project_root=project)
             metrics = evaluate_model(
                 load_model(out / "checkpoint.pt"), model, tiny_mwvd, reports, use_lpips=False, flops_size=(32, 32)
             )
             log_evaluation(out / "run.json", metrics, reports)
+            onnx_path, report_path = out / "model.onnx", reports / "export.json"
+            report = export_model(
+                model, out / "checkpoint.pt", tiny_mwvd, onnx_path, report_path, ExportConfig(latency_repeats=1)
+            )
+            log_export(out / "run.json", report, onnx_path, report_path)
             result[model] = Trained(project, commit, read_run_info(out / "run.json"))
     finally:
         torch.set_num_threads(threads)
@@ -110,9 +116,10 @@ def trained(server, tiny_mwvd, tiny_params_dict, tmp_path_factory) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(server, tiny_params_dict):
-    """evaluated_run(model, psnr, weathers, test_set, extra_metrics) -> RunInfo: a real run holding a real
-    (untrained) tiny model, its test metrics chosen; psnr None: a run not evaluated yet."""
+def evaluated_run(server, exported_models):
+    """evaluated_run(model, psnr, weathers, test_set, extra_metrics, exported) -> RunInfo: a real run holding the
+    export stage's ONNX graph of a real (untrained) tiny model, its test metrics chosen; psnr None: a run not
+    evaluated yet; exported False: no ONNX model in the run."""
     import mlflow
 
     # Not mlflow.set_experiment: it would leave an active experiment behind for later tests (a resumed run elsewhere).
@@ -124,21 +131,22 @@ def evaluated_run(server, tiny_params_dict):
         weathers: dict[str, float],
         test_set: str | None = TEST_SET,
         extra_metrics: dict[str, float] | None = None,
+        exported: bool = True,
     ) -> RunInfo:
-        torch.manual_seed(0)
-        network = build_model(model, **tiny_params_dict(model)["models"][model])
-        example = np.random.default_rng(0).random((2, 3, 3, 16, 16) if model == "dynstaticnet" else (2, 3, 16, 16))
         with mlflow.start_run(experiment_id=experiment) as run:
-            model_uri, model_format = log_model(network, example.astype(np.float32), "pickle")
+            if exported:  # what export.log_export leaves in the run (its figures are extra_metrics here)
+                graph = onnx.load(str(exported_models[model]["onnx"]))
+                logged = mlflow.onnx.log_model(graph, name="onnx", pip_requirements=[], save_as_external_data=False)
+                mlflow.set_tag("onnx_model_uri", logged.model_uri)
             mlflow.log_params({"config_hash": hashlib.sha256(model.encode()).hexdigest()})
-            mlflow.set_tags({"model_format": model_format, "data.manifest_checksum": "d" * 64})
+            mlflow.set_tags({"data.manifest_checksum": "d" * 64})
             if psnr is not None:
                 metrics = {"test_psnr": psnr, "test_input_psnr": 20.0, "test_ssim": 0.8}
                 metrics.update({f"test_psnr_{w}": value for w, value in weathers.items()})
                 mlflow.log_metrics({**metrics, **(extra_metrics or {})})
             if test_set is not None:
                 mlflow.set_tag("test.manifest_checksum", test_set)
-        return RunInfo(model=model, run_id=run.info.run_id, tracking_uri=server, model_uri=model_uri)
+        return RunInfo(model=model, run_id=run.info.run_id, experiment_id=experiment, tracking_uri=server)
 
     return make
 
@@ -158,6 +166,7 @@ def runs(evaluated_run) -> dict[str, RunInfo]:
         "rain_regressed": evaluated_run("dwgn", 25.5, {"haze": 26.0, "rain": 24.7, "snow": 25.8}),
         "other_test_set": evaluated_run("dwgn", 26.0, {"haze": 26, "rain": 26, "snow": 26}, OTHER_TEST_SET),
         "unevaluated": evaluated_run("dwgn", None, {}, test_set=None),
+        "unexported": evaluated_run("dwgn", 25.0, {"haze": 25.0, "rain": 25.0, "snow": 25.0}, exported=False),
     }
 
 
@@ -181,16 +190,16 @@ def test_registering_an_evaluated_run_records_lineage_metrics_and_description(mo
     assert again.version == first.version == "1"
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
     version = client.get_model_version(name, first.version)
-    assert version.run_id == info.run_id and version.source == info.model_uri
+    assert version.run_id == info.run_id and version.source == run.data.tags["onnx_model_uri"]
     tags = version.tags
     assert tags["git_commit"] == trained[model].commit
     assert tags["data.manifest_checksum"] == run.data.params["data.manifest_checksum"]
     assert tags["config_hash"] == run.data.params["config_hash"]
     assert tags["test.manifest_checksum"] == read_manifest(tiny_mwvd)[0]
-    assert tags["model_format"] == "pickle"
+    assert tags["model_format"] == "onnx"
     for key in ("test_psnr", "test_ssim", "test_input_psnr", "test_psnr_haze", "test_psnr_rain", "test_psnr_snow"):
         assert float(tags[key]) == run.data.metrics[key]
-    assert not any(key.startswith("onnx_") for key in tags)
+    assert {key: float(tags[key]) for key in ONNX} == {key: run.data.metrics[key] for key in ONNX}
     metrics = run.data.metrics
     assert f"Test PSNR {metrics['test_psnr']:.2f} dB against {metrics['test_input_psnr']:.2f} dB" in version.description
     assert trained[model].commit[:12] in version.description
@@ -204,6 +213,16 @@ def test_onnx_parity_figures_become_tags_when_the_export_logged_them(runs, clien
 def test_a_run_without_test_metrics_is_refused_registration(runs, client):
     with pytest.raises(RegistryError, match=r"no test metrics: run `weather-restore evaluate --model dwgn` first"):
         register("dwgn", runs["unevaluated"], client, name="unevaluated")
+
+
+def test_a_run_that_was_not_exported_is_refused_registration(runs, client):
+    run_id = runs["unexported"].run_id
+    with pytest.raises(RegistryError) as refused:
+        register("dwgn", runs["unexported"], client, name="unexported")
+    assert str(refused.value) == (
+        f"MLflow run {run_id} of dwgn has no ONNX model to register: run `weather-restore export --model dwgn` first"
+    )
+    assert not client.search_registered_models("name = 'unexported'")
 
 
 def test_simultaneous_registrations_get_distinct_versions(runs, client, tmp_path):
@@ -410,10 +429,10 @@ def test_the_cli_registers_promotes_refuses_and_rolls_back_and_the_champion_load
     with torch.no_grad():
         expected = load_model(project / "models" / model / "checkpoint.pt")(probe).numpy()
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    assert np.allclose(pyfunc.predict(probe.numpy()), expected, atol=1e-5)
+    np.testing.assert_allclose(pyfunc.predict(probe.numpy())["restored"], expected, atol=1e-4)
     restorer = load_restorer(f"models:/{name}@champion", tracking_uri=client.tracking_uri)
-    assert (restorer.name, restorer.backend) == (model, "mlflow")
-    assert np.allclose(restorer.forward(probe.numpy()), expected, atol=1e-5)
+    assert (restorer.name, restorer.backend) == (model, "onnxruntime")
+    np.testing.assert_allclose(restorer.forward(probe.numpy()), expected, atol=1e-4)
 
     # A worse version of the same model, evaluated on the same test set, from another checkout.
     run = client.get_run(trained[model].info.run_id)
@@ -441,7 +460,7 @@ def test_the_cli_registers_promotes_refuses_and_rolls_back_and_the_champion_load
         f"rolled {name} back: version 1 is champion again, version 2 is previous"
     )
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    assert np.allclose(pyfunc.predict(probe.numpy()), expected, atol=1e-5)
+    np.testing.assert_allclose(pyfunc.predict(probe.numpy())["restored"], expected, atol=1e-4)
 
     # What the evaluate-champions flow runs: the champion from the registry scores what its checkpoint scored.
     out = tmp_path / "champion"

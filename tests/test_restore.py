@@ -14,9 +14,10 @@ from PIL import Image
 from weather_restore.checkpoint import save_checkpoint
 from weather_restore.cli import main
 from weather_restore.data.frames import write_frame
-from weather_restore.errors import DataError
+from weather_restore.errors import DataError, OutputError
 from weather_restore.inference import LoadedModel, load_restorer
 from weather_restore.models import build_model
+from weather_restore.outputs import MARKER_NAME
 from weather_restore.restore import restore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,21 +163,21 @@ def test_frame_folder_to_folder_keeps_names_and_order(tmp_path):
         write_frame(frames / f"f{index}.png", frame)
     summary = restore(frames, tmp_path / "restored", identity())
     assert summary.kind == "frames" and summary.frames == 12
-    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == sorted(f"f{i}.png" for i in range(12))
+    assert leftovers(tmp_path / "restored") == sorted([MARKER_NAME, *(f"f{i}.png" for i in range(12))])
     for index in (0, 2, 11):  # natural order: f2 is the third frame, not the twelfth
         restored = np.asarray(Image.open(tmp_path / "restored" / f"f{index}.png"))
         np.testing.assert_array_equal(restored, video[index])
     assert leftovers(tmp_path) == ["frames", "restored"]
 
 
-def test_a_second_run_replaces_an_existing_output_folder(tmp_path):
+def test_a_second_run_replaces_the_output_folder_of_the_first(tmp_path):
     frames = tmp_path / "frames"
-    for index, frame in enumerate(moving_frames(2)):
+    for index, frame in enumerate(moving_frames(3)):
         write_frame(frames / f"{index}.png", frame)
-    (tmp_path / "restored").mkdir()
-    (tmp_path / "restored" / "stale.png").write_bytes(b"old")
     restore(frames, tmp_path / "restored", identity())
-    assert leftovers(tmp_path / "restored") == ["0.png", "1.png"]
+    (frames / "2.png").unlink()
+    restore(frames, tmp_path / "restored", identity())
+    assert leftovers(tmp_path / "restored") == [MARKER_NAME, "0.png", "1.png"]
     assert leftovers(tmp_path) == ["frames", "restored"]
 
 
@@ -192,7 +193,7 @@ def test_single_image_to_image(tmp_path, checkpoints):
 def test_video_to_frame_folder(tmp_path):
     source = write_video(tmp_path / "in.mp4", count=5, audio=False)
     restore(source, tmp_path / "frames", identity("dwgn"))
-    assert leftovers(tmp_path / "frames") == [f"{i:06d}.png" for i in range(5)]
+    assert leftovers(tmp_path / "frames") == [MARKER_NAME, *(f"{i:06d}.png" for i in range(5))]
 
 
 # --- Bad input: one message, no output --------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def test_a_failure_midway_removes_the_partial_output(tmp_path):
 
 def test_output_must_not_overwrite_the_input_or_be_an_image_of_a_video(tmp_path):
     source = write_video(tmp_path / "in.mp4", audio=False)
-    with pytest.raises(DataError, match="overwrite the input"):
+    with pytest.raises(OutputError, match="overwrite the input"):
         restore(source, source, identity())
     with pytest.raises(DataError, match="an image holds one frame"):
         restore(source, tmp_path / "out.png", identity())
@@ -308,6 +309,6 @@ def test_restore_runs_outside_the_repository_without_a_params_file(tmp_path, che
     write_video(tmp_path / "rainy.mp4", count=2, audio=False)
     args = ["restore", "rainy.mp4", "-o", "clean", "--model", str(checkpoints["dwgn"]), "--tile", "0"]
     assert main(args) == 0
-    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["000000.png", "000001.png"]
+    assert leftovers(tmp_path / "clean") == [MARKER_NAME, "000000.png", "000001.png"]
     assert main(["train", "--model", "dwgn"]) == 2  # the pipeline's stages still need params.yaml
     assert "params.yaml: no such params file" in capsys.readouterr().err

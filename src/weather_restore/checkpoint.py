@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from weather_restore.errors import ModelFileError
+from weather_restore.errors import ModelFileError, WeatherRestoreError
+from weather_restore.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,17 @@ def config_hash(config: Any) -> str:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write `state` to a temporary sibling, flush it to disk, then rename it over `path`: a crash at any moment
     leaves either the previous checkpoint or the new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        torch.save({"format": FORMAT, **state}, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    with atomic_path(Path(path), fsync=True) as temporary:
+        torch.save({"format": FORMAT, **state}, temporary)
+
+
+def _load_failure(error: Exception) -> str:
+    """What torch.load said, without its advice to retry with weights_only=False (which would run the file)."""
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].split(" Check the documentation")[0]
+        return f"weights-only loading refuses it: {text.strip().rstrip('.')}"
+    return f"{type(error).__name__}: {text.split('. ')[0][:200]}"
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -53,18 +56,20 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike
-        raise ModelFileError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise ModelFileError(f"{path}: not a weather-restore checkpoint ({_load_failure(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a weather-restore checkpoint of format {FORMAT}")
     return state
 
 
-def resume_state(path: Path, expected_hash: str) -> dict[str, Any] | None:
+def resume_state(path: Path, expected_hash: str, unlogged: str | None = None) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None to start afresh.
 
-    None when there is no checkpoint or it holds a finished training (the stage was asked to run again). An
-    unfinished training of the same config is returned; one of another config is refused, since resuming it
-    would mix two configurations and starting over would silently throw its work away.
+    None when there is no checkpoint or it holds a finished training (the stage was asked to run again), unless
+    that training is `unlogged` (its `training_id`: its end-of-training logging did not complete) and of the same
+    config: then it is returned, for the logging to be finished. An unfinished training of the same config is
+    returned; one of another config is refused, since resuming it would mix two configurations and starting over
+    would silently throw its work away.
     """
     path = Path(path)
     if not path.exists():
@@ -72,6 +77,9 @@ def resume_state(path: Path, expected_hash: str) -> dict[str, Any] | None:
     state = load_checkpoint(path)
     done, total = state["iteration"], state["iterations"]
     if done >= total:
+        if unlogged is not None and state.get("training_id") == unlogged and state["config_hash"] == expected_hash:
+            log.info("%s holds a finished training whose logging did not complete: finishing it", path)
+            return state
         log.info("%s holds a finished training (%d iterations): starting afresh", path, total)
         return None
     if state["config_hash"] != expected_hash:
@@ -118,8 +126,46 @@ def load_model(path: Path, map_location: str | torch.device = "cpu", expected: s
     from weather_restore.models import build_model
 
     state = load_checkpoint(path, map_location)
-    if expected is not None and state["model_name"] != expected:
-        raise ModelFileError(f"{path}: holds a {state['model_name']} model, not {expected}")
-    model = build_model(state["model_name"], **state["model_config"])
-    model.load_state_dict(state["model"])
+    try:
+        name, config, weights = state["model_name"], dict(state["model_config"]), state["model"]
+    except (KeyError, TypeError, ValueError):
+        raise ModelFileError(
+            f"{path}: not a training checkpoint (it lacks the model's name, config or weights)"
+        ) from None
+    if expected is not None and name != expected:
+        raise ModelFileError(f"{path}: holds a {name} model, not {expected}")
+    retrain = f"the file is damaged or was edited: retrain it (weather-restore train --model {name} --restart)"
+    try:
+        model = build_model(name, **config)
+    except (WeatherRestoreError, TypeError, ValueError) as error:
+        raise ModelFileError(f"{path}: its model {name} {config} cannot be built ({error}); {retrain}") from None
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError):
+        raise ModelFileError(
+            f"{path}: its weights do not fit the {name} of its config ({_misfit(model, weights)}); {retrain}"
+        ) from None
     return model.to(map_location).eval()
+
+
+def _misfit(model: nn.Module, weights: Any) -> str:
+    """How a state dict differs from a model's: counts of missing, unexpected and reshaped tensors, one named."""
+    if not isinstance(weights, dict):
+        return f"a {type(weights).__name__}, not a state dict"
+    own = model.state_dict()
+    missing = [key for key in own if key not in weights]
+    unexpected = [key for key in weights if key not in own]
+    reshaped = [
+        key for key in own if key in weights and tuple(own[key].shape) != tuple(getattr(weights[key], "shape", ()))
+    ]
+    parts = [
+        f"{len(keys)} {what}"
+        for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+        if keys
+    ]
+    if reshaped:
+        key = reshaped[0]
+        parts.append(f"e.g. {key} is {tuple(weights[key].shape)}, the model's {tuple(own[key].shape)}")
+    elif missing or unexpected:
+        parts.append(f"e.g. {(missing or unexpected)[0]}")
+    return ", ".join(parts) or "tensors of another type"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,12 +17,54 @@ from pathlib import Path
 from weather_restore import __version__
 from weather_restore.config import DEFAULT_PARAMS, Params, load_params
 from weather_restore.errors import PromotionRefused, WeatherRestoreError
+from weather_restore.models import MODEL_NAMES
 
 log = logging.getLogger("weather_restore")
 
 Command = Callable[[argparse.Namespace, Params], int | None]
 RUNS_WITHOUT_PARAMS = {"restore"}
 PROMOTION_REFUSED = 3
+H264_CRF = (0, 51)  # libx264's quality scale: 0 lossless, 51 worst
+
+
+# Argument types: every value is checked while parsing, before anything runs or is written.
+def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` (to `high`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number {allowed}")
+        return value
+
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number above 0")
+    return value
+
+
+def _existing_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: no such folder")
+    return path
+
+
+FORCE_FOLDER_HELP = (
+    "replace --out even when weather-restore did not write it (a folder without its .weather-restore-output.json); "
+    "still refused: a folder holding the input, the current folder or the home folder"
+)
 
 
 def cmd_params(args: argparse.Namespace, params: Params) -> None:
@@ -32,7 +75,7 @@ def cmd_assemble(args: argparse.Namespace, params: Params) -> None:
     from weather_restore.data.assemble import assemble
 
     out = args.out or params.data.root / "videos"
-    records = assemble(params.data, out)
+    records = assemble(params.data, out, force=args.force)
     print(f"assembled {len(records)} source videos into {out}")
 
 
@@ -42,7 +85,8 @@ def cmd_split(args: argparse.Namespace, params: Params) -> None:
 
     videos = args.videos or params.data.root / "videos"
     out = args.out or params.data.root / "mwvd"
-    clips = write_clips(read_index(videos), params.data.clips, out, worker_count(params.data.workers))
+    workers = worker_count(params.data.workers)
+    clips = write_clips(read_index(videos), params.data.clips, out, workers, force=args.force, inputs=(videos,))
     print(f"wrote {len(clips)} clips to {out}")
 
 
@@ -163,6 +207,7 @@ def cmd_restore(args: argparse.Namespace, params: Params) -> None:
         compare=args.compare,
         fps=args.fps,
         crf=args.crf,
+        force=args.force,
     )
     notes = "".join(f"; {note}" for note in summary.notes)
     print(
@@ -219,12 +264,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "--params", type=Path, help="params file (default: params.yaml; `restore` runs without one, on defaults)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The same two options after the command (`weather-restore train --params x`); given there, they win.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", type=Path, default=argparse.SUPPRESS, help="params file (default: params.yaml)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
 
     def add(name: str, func: Command, help: str, description: str) -> argparse.ArgumentParser:
         commands[name] = func
-        return sub.add_parser(name, help=help, description=description)
+        return sub.add_parser(name, help=help, description=description, parents=[common])
 
     add(
         "params",
@@ -241,6 +290,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "video, and for generated videos their frames ({input,gt}/NNNN.png) and physics.npz (t, A, layer).",
     )
     p.add_argument("--out", type=Path, help="output folder (default: <data.root>/videos)")
+    p.add_argument("--force", action="store_true", help=FORCE_FOLDER_HELP)
     p = add(
         "split",
         cmd_split,
@@ -252,6 +302,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     p.add_argument("--videos", type=Path, help="assembled videos (default: <data.root>/videos)")
     p.add_argument("--out", type=Path, help="output folder (default: <data.root>/mwvd)")
+    p.add_argument("--force", action="store_true", help=FORCE_FOLDER_HELP)
     p = add(
         "train",
         cmd_train,
@@ -265,7 +316,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "`torchrun --nproc_per_node N` it trains with DistributedDataParallel (training.<model>.batch_size is the "
         "global batch).",
     )
-    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to train")
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to train")
     p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="checkpoint and run.json folder (default: models/<model>)")
     p.add_argument("--reports", type=Path, help="train.csv and validation.csv folder (default: reports/<model>)")
@@ -281,7 +332,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "training's MLflow run named in models/<model>/run.json. LPIPS needs AlexNet's weights in the local torch "
         "cache; without them it is reported as unavailable, never downloaded.",
     )
-    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to evaluate")
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to evaluate")
     p.add_argument("--checkpoint", type=Path, help="checkpoint (default: models/<model>/checkpoint.pt)")
     p.add_argument("--model-uri", help="evaluate an MLflow model instead, e.g. models:/DwGN@champion")
     p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
@@ -298,7 +349,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "Logs the ONNX model (mlflow.onnx, with its signature) and the figures into the training's MLflow run "
         "named in models/<model>/run.json.",
     )
-    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to export")
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to export")
     p.add_argument("--checkpoint", type=Path, help="checkpoint (default: models/<model>/checkpoint.pt; not logged)")
     p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="ONNX file (default: models/<model>/model.onnx)")
@@ -309,8 +360,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "gather the evaluated models into one table per weather",
         "Reads reports/<model>/metrics.json of each model. Writes reports/compare.md.",
     )
-    p.add_argument("--models", nargs="+", default=["dynstaticnet", "dwgn"], help="models to compare")
-    p.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default: reports)")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES), help="models to compare")
+    p.add_argument(
+        "--reports", type=_existing_folder, default=Path("reports"), help="reports folder (default: reports)"
+    )
     p = add(
         "restore",
         cmd_restore,
@@ -331,13 +384,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("--model", required=True, help="a .pt or .onnx file, a model name, or models:/NAME@ALIAS")
     p.add_argument("--checkpoint", type=Path, help="the .pt or .onnx file of --model NAME")
     p.add_argument("--device", default="auto", help="PyTorch device: auto (CUDA when present), cpu, cuda, cuda:1")
-    p.add_argument("--tile", type=int, default=256, help="tile side in pixels; 0: whole frames (default: 256)")
-    p.add_argument("--tile-overlap", type=int, default=32, help="pixels tiles overlap and blend over (default: 32)")
-    p.add_argument("--stride", type=int, default=5, help="frames between DynStaticNet's 10-frame windows (default: 5)")
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: one per core)")
+    p.add_argument(
+        "--tile", type=_whole_number(0), default=256, help="tile side in pixels; 0: whole frames (default: 256)"
+    )
+    p.add_argument(
+        "--tile-overlap", type=_whole_number(0), default=32, help="pixels tiles overlap and blend over (default: 32)"
+    )
+    p.add_argument(
+        "--stride", type=_whole_number(1), default=5, help="frames between DynStaticNet's 10-frame windows (default: 5)"
+    )
+    p.add_argument(
+        "--threads", type=_whole_number(1), help="CPU threads for PyTorch and ONNX Runtime (default: one per core)"
+    )
     p.add_argument("--compare", action="store_true", help="write input | restored side by side")
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate of a video made from frames (default: 25)")
-    p.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18)")
+    p.add_argument(
+        "--fps", type=_positive_number, default=25.0, help="frame rate of a video made from frames (default: 25)"
+    )
+    p.add_argument(
+        "--crf", type=_whole_number(*H264_CRF), default=18, help="H.264 quality 0-51, lower is better (default: 18)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing OUTPUT weather-restore did not write (a folder of other files, a file that is not "
+        "a video or image); still refused: the input itself, a folder holding the input, the current or home "
+        "folder, a folder under a file's name",
+    )
     store = "the store named by MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     p = add(
         "register",
@@ -350,7 +422,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "figures; its description says what it is, what it was trained on and its test PSNR against the input's. "
         "A run registered before gives back its version.",
     )
-    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to register")
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to register")
     p = add(
         "promote",
         cmd_promote,
@@ -363,8 +435,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "with status 3. Every decision (time, user, deltas, reasons) is written into the candidate's tags "
         "(promotion.*, history). Load the champion as models:/DynStaticNet@champion.",
     )
-    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to promote")
-    p.add_argument("--version", help="registered version to promote (default: the newest)")
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to promote")
+    p.add_argument("--version", type=_whole_number(1), help="registered version to promote (default: the newest)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
     p.add_argument("--reason", help="why: required with --force, recorded with your user name")
     p = add(
@@ -375,13 +447,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "rollback undoes the first; records the time and user in both versions' tags (rollback.*, history). Fails "
         "when there is no previous version.",
     )
-    p.add_argument("--model", required=True, choices=("dynstaticnet", "dwgn"), help="which model to roll back")
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to roll back")
     return parser, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "promote" and args.reason is not None and not args.force:
+        parser.error("promote: --reason is recorded only with --force: add --force, or leave --reason out")
+    if args.command == "promote" and args.force and not (args.reason or "").strip():
+        parser.error("promote: --force needs --reason TEXT (it is recorded with your user name)")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

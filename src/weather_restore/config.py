@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from weather_restore.errors import ConfigError
 
@@ -21,14 +31,40 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _ordered(pair: tuple[float, float]) -> tuple[float, float]:
+def _not_a_flag(value: Any) -> Any:
+    # pydantic would read `true` as 1 in a number field: a flag where a number belongs is a slip, not a 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "a number is required, not true/false")
+    return value
+
+
+Int = Annotated[int, Strict()]
+"""An integer written as one: `true`, `1.0` and `"1"` are refused rather than read as 1."""
+
+Float = Annotated[float, BeforeValidator(_not_a_flag), Field(allow_inf_nan=False)]
+"""A finite number. An integer is fine, and so is `1e-4`, which PyYAML (YAML 1.1) reads as a string."""
+
+Count = Annotated[Int, Field(ge=1)]
+Blocks = Annotated[Int, Field(ge=0)]
+Beta = Annotated[Float, Field(ge=0, lt=1)]
+
+
+def _ordered(pair: tuple[Any, Any]) -> tuple[Any, Any]:
     if pair[0] > pair[1]:
-        raise ValueError(f"range [{pair[0]}, {pair[1]}] has low > high")
+        raise ValueError(f"low {pair[0]} is above high {pair[1]}: write [low, high]")
     return pair
 
 
-Range = Annotated[tuple[float, float], AfterValidator(_ordered)]
+Range = Annotated[tuple[Float, Float], AfterValidator(_ordered)]
 """A closed interval `[low, high]` from which a parameter is drawn once per video."""
+
+CountRange = Annotated[tuple[Count, Count], AfterValidator(_ordered)]
+"""A closed interval `[low, high]` of whole numbers, at least 1, drawn once per video."""
+
+
+def _rule(field: str, detail: str) -> PydanticCustomError:
+    """A rule between the fields of a section, reported against `field` (the message names the others)."""
+    return PydanticCustomError("section_rule", "{detail}", {"field": field, "detail": detail})
 
 
 # --- data: the built-in generator -------------------------------------------------------------------------
@@ -39,8 +75,8 @@ class HazeConfig(Section):
 
     beta: Range = (2.6, 4.6)
     airlight: Range = (0.75, 0.95)
-    tint: float = Field(0.03, ge=0, le=0.2, description="max per-channel deviation of A from grey")
-    drift: float = Field(0.1, ge=0, le=0.5, description="max relative drift of beta in space and time")
+    tint: Float = Field(0.03, ge=0, le=0.2, description="max per-channel deviation of A from grey")
+    drift: Float = Field(0.1, ge=0, le=0.5, description="max relative drift of beta in space and time")
 
 
 class RainConfig(Section):
@@ -52,15 +88,15 @@ class RainConfig(Section):
     """
 
     streak_length: Range = (20.0, 60.0)
-    angle: float = Field(10.0, ge=0, le=45, description="max |angle| from vertical, degrees, per video")
-    angle_jitter: float = Field(2.0, ge=0, le=10, description="per-frame jitter of the angle, degrees")
-    layers: tuple[int, int] = (2, 3)
+    angle: Float = Field(10.0, ge=0, le=45, description="max |angle| from vertical, degrees, per video")
+    angle_jitter: Float = Field(2.0, ge=0, le=10, description="per-frame jitter of the angle, degrees")
+    layers: CountRange = (2, 3)
     density: Range = Field((0.002, 0.006), description="drops per pixel, all layers together")
     intensity: Range = Field((0.25, 0.6), description="peak brightness w S of the nearest streaks")
     fall_speed: Range = Field((0.25, 0.45), description="advection per frame, in streak lengths")
     veil_beta: Range = (0.0, 2.5)
     airlight: Range = (0.25, 0.95)
-    reference_size: int = Field(128, ge=16, description="frame side (px) at which lengths are given")
+    reference_size: Int = Field(128, ge=16, description="frame side (px) at which lengths are given")
 
 
 class SnowConfig(Section):
@@ -72,33 +108,29 @@ class SnowConfig(Section):
     """
 
     density: Range = Field((50.0, 250.0), description="flakes per 10,000 px, all layers together")
-    layers: tuple[int, int] = (2, 3)
+    layers: CountRange = (2, 3)
     radius: Range = (1.0, 6.0)
     speed: Range = (2.0, 10.0)
     wind: Range = (-3.0, 3.0)
     brightness: Range = (0.85, 1.0)
     veil_beta: Range = (0.5, 2.0)
     airlight: Range = (0.75, 0.95)
-    reference_size: int = Field(128, ge=16, description="frame side (px) at which sizes and speeds are given")
+    reference_size: Int = Field(128, ge=16, description="frame side (px) at which sizes and speeds are given")
 
 
 class SyntheticConfig(Section):
     """Clean videos from photographs shipped by installed packages, with physically modelled weather."""
 
-    seed: int = Field(0, ge=0)
-    videos_per_weather: int = Field(8, ge=1)
-    frames_per_video: int = Field(30, ge=1)
-    frame_size: tuple[int, int] = Field((128, 128), description="height, width of the rendered frames")
+    seed: Int = Field(0, ge=0)
+    videos_per_weather: Int = Field(8, ge=1)
+    frames_per_video: Int = Field(30, ge=1)
+    frame_size: tuple[Annotated[Int, Field(ge=16)], Annotated[Int, Field(ge=16)]] = Field(
+        (128, 128), description="height, width of the rendered frames, each at least 16"
+    )
     photographs: list[str] = Field(default_factory=list, description="skimage photograph names; [] = all")
     haze: HazeConfig = HazeConfig()
     rain: RainConfig = RainConfig()
     snow: SnowConfig = SnowConfig()
-
-    @model_validator(mode="after")
-    def _size(self) -> SyntheticConfig:
-        if min(self.frame_size) < 16:
-            raise ValueError(f"frame_size {list(self.frame_size)} is too small: both sides must be >= 16")
-        return self
 
 
 # --- data: importers ----------------------------------------------------------------------------------------
@@ -126,11 +158,11 @@ class SourceConfig(Section):
 class ClipsConfig(Section):
     """How source videos are cut into clips and split into train and test."""
 
-    clip_len: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0)
-    train_per_weather: int = Field(12, ge=0)
-    test_per_weather: int = Field(3, ge=0)
-    test_fraction: float = Field(0.25, gt=0, lt=1, description="share of source videos sent to test")
+    clip_len: Int = Field(10, ge=1)
+    seed: Int = Field(0, ge=0)
+    train_per_weather: Int = Field(12, ge=0)
+    test_per_weather: Int = Field(3, ge=0)
+    test_fraction: Float = Field(0.25, gt=0, lt=1, description="share of source videos sent to test")
     respect_source_split: bool = Field(True, description="keep a dataset's own train/test assignment")
 
 
@@ -141,33 +173,62 @@ class DataConfig(Section):
     )
     synthetic: SyntheticConfig = SyntheticConfig()
     clips: ClipsConfig = ClipsConfig()
-    workers: int = Field(0, ge=0, description="processes for generation and writing; 0 = all cores")
+    workers: Int = Field(0, ge=0, description="processes for generation and writing; 0 = all cores")
 
 
 # --- models -------------------------------------------------------------------------------------------------
 
 
 class DynStaticNetConfig(Section):
-    """DynStaticNet's constructor arguments (the paper's defaults)."""
+    """DynStaticNet's constructor arguments (the paper's defaults). Levels 1, 2 and 3 (the bottleneck) have
+    dim, 2·dim and 4·dim channels; every block halves them into a static and a dynamic branch, and each
+    branch's channels split into that level's heads."""
 
-    dim: int = Field(24, ge=2)
-    heads: tuple[int, int, int] = (1, 2, 4)
-    blocks: tuple[int, int, int] = (4, 6, 8)
-    refinement_blocks: int = Field(4, ge=0)
-    refinement_heads: int = Field(2, ge=1)
-    window: int = Field(8, ge=1)
+    dim: Int = Field(24, ge=2)
+    heads: tuple[Count, Count, Count] = Field((1, 2, 4), description="attention heads of levels 1, 2, 3")
+    blocks: tuple[Blocks, Blocks, Blocks] = Field((4, 6, 8), description="blocks of levels 1, 2, 3")
+    refinement_blocks: Int = Field(4, ge=0)
+    refinement_heads: Int = Field(2, ge=1)
+    window: Int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> DynStaticNetConfig:
+        if self.dim % 2:
+            raise _rule("dim", "every block halves it into a static and a dynamic branch: it must be even")
+        levels = [
+            (f"heads[{i}]", f"level {i + 1}", heads, blocks, 2**i * self.dim // 2)
+            for i, (heads, blocks) in enumerate(zip(self.heads, self.blocks, strict=True))
+        ]
+        refinement = (self.refinement_heads, self.refinement_blocks, self.dim // 2)
+        levels.append(("refinement_heads", "the refinement", *refinement))
+        for name, level, heads, blocks, branch in levels:
+            if blocks and branch % heads:  # a level without blocks has no attention
+                raise _rule(
+                    name.split("[")[0],
+                    f"with dim {self.dim}, each branch of {level} has {branch} channels, which do not split into "
+                    f"{name} = {heads} heads: choose dim and heads so that they divide",
+                )
+        return self
 
 
 class DwGNConfig(Section):
-    """DwGN's constructor arguments (the paper's defaults)."""
+    """DwGN's constructor arguments (the paper's defaults). Its four levels have dim, 2·dim, 4·dim and 8·dim
+    channels, each split into heads of head_dim channels and into fgroup groups of the weight generator."""
 
-    dim: int = Field(32, ge=2)
-    encoder_blocks: tuple[int, int, int] = (4, 4, 6)
-    bottleneck_blocks: int = Field(8, ge=0)
-    decoder_blocks: tuple[int, int, int] = (6, 4, 4)
-    head_dim: int = Field(32, ge=1)
-    window: int = Field(8, ge=1)
-    fgroup: int = Field(16, ge=1)
+    dim: Int = Field(32, ge=16, description="at least 16: the feed-forward's mixing layer has dim // 16 units")
+    encoder_blocks: tuple[Blocks, Blocks, Blocks] = (4, 4, 6)
+    bottleneck_blocks: Int = Field(8, ge=0)
+    decoder_blocks: tuple[Blocks, Blocks, Blocks] = (6, 4, 4)
+    head_dim: Int = Field(32, ge=1)
+    window: Int = Field(8, ge=1)
+    fgroup: Int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> DwGNConfig:
+        for name, divisor in (("head_dim", self.head_dim), ("fgroup", self.fgroup)):
+            if self.dim % divisor:
+                raise _rule("dim", f"it must be a multiple of {name} ({divisor}), or its channels do not split")
+        return self
 
 
 class ModelsConfig(Section):
@@ -182,26 +243,26 @@ class TrainConfig(Section):
     """One model's training recipe (Adam, cosine annealing to lr_min over the iterations, random crops,
     flips and 90-degree rotations). `batch_size` is global: under torchrun each process takes its share."""
 
-    iterations: int = Field(300, ge=1)
-    batch_size: int = Field(1, ge=1, description="clips (DynStaticNet) or frames (DwGN) per step, all processes")
-    crop: int = Field(64, ge=8, description="side of the random square crop")
-    clip_frames: int = Field(5, ge=1, description="frames per training clip (DynStaticNet; unused by DwGN)")
-    lr: float = Field(2e-4, gt=0)
-    lr_min: float = Field(1e-7, ge=0, description="learning rate reached at the last iteration (cosine)")
-    betas: tuple[float, float] = (0.9, 0.999)
+    iterations: Int = Field(300, ge=1)
+    batch_size: Int = Field(1, ge=1, description="clips (DynStaticNet) or frames (DwGN) per step, all processes")
+    crop: Int = Field(64, ge=8, description="side of the random square crop")
+    clip_frames: Int = Field(5, ge=1, description="frames per training clip (DynStaticNet; unused by DwGN)")
+    lr: Float = Field(2e-4, gt=0)
+    lr_min: Float = Field(1e-7, ge=0, description="learning rate reached at the last iteration (cosine)")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam's decay rates, each in [0, 1)")
     loss: Literal["psnr", "charbonnier", "l1"] = "psnr"
     init: Literal["identity", "random"] = Field(
         "identity",
         description="identity: the last convolution before the global residual starts at zero, so the untrained "
         "network returns its input and a short training starts from the input's PSNR; random: PyTorch's default",
     )
-    seed: int = Field(0, ge=0)
-    workers: int = Field(1, ge=0, description="data-loading processes; 0 = in the training process")
-    log_every: int = Field(1, ge=1, description="iterations between loss/lr rows (train.csv, MLflow)")
-    checkpoint_every: int = Field(50, ge=1)
-    validate_every: int = Field(100, ge=1)
-    val_clips: int = Field(3, ge=1, description="test clips (spread over the weathers) in the validation PSNR")
-    val_frames: int = Field(5, ge=1, description="frames of each validation clip, full size")
+    seed: Int = Field(0, ge=0)
+    workers: Int = Field(1, ge=0, description="data-loading processes; 0 = in the training process")
+    log_every: Int = Field(1, ge=1, description="iterations between loss/lr rows (train.csv, MLflow)")
+    checkpoint_every: Int = Field(50, ge=1)
+    validate_every: Int = Field(100, ge=1)
+    val_clips: Int = Field(3, ge=1, description="test clips (spread over the weathers) in the validation PSNR")
+    val_frames: Int = Field(5, ge=1, description="frames of each validation clip, full size")
     compile: bool = Field(False, description="torch.compile the model (needs a C++ compiler on CPU)")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto", description="autocast precision; auto = bf16 on GPUs that support it, else fp16; off on CPU"
@@ -211,22 +272,22 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _lr(self) -> TrainConfig:
         if self.lr_min > self.lr:
-            raise ValueError(f"lr_min {self.lr_min} is above lr {self.lr}")
+            raise _rule("lr_min", f"it is above lr {self.lr}: the cosine schedule decays from lr down to lr_min")
         return self
 
 
 class DynStaticNetTrainConfig(TrainConfig):
     """DynStaticNet's recipe (README): PSNR loss, cosine 2e-4 -> 1e-7, clips of frames (the paper: 10)."""
 
-    clip_frames: int = Field(3, ge=1, description="frames per training clip")
+    clip_frames: Int = Field(3, ge=1, description="frames per training clip")
 
 
 class DwGNTrainConfig(TrainConfig):
     """DwGN's recipe: L1 loss, cosine 2e-4 -> 1e-6, batches of single frames."""
 
-    batch_size: int = Field(1, ge=1, description="frames per step, all processes (the paper: 8)")
+    batch_size: Int = Field(1, ge=1, description="frames per step, all processes (the paper: 8)")
     loss: Literal["psnr", "charbonnier", "l1"] = "l1"
-    lr_min: float = Field(1e-6, ge=0, description="learning rate reached at the last iteration (cosine)")
+    lr_min: Float = Field(1e-6, ge=0, description="learning rate reached at the last iteration (cosine)")
 
 
 class TrainingConfig(Section):
@@ -240,9 +301,9 @@ class TrainingConfig(Section):
 
 
 class EvaluationConfig(Section):
-    max_clips: int = Field(0, ge=0, description="0 = every test clip")
+    max_clips: Int = Field(0, ge=0, description="0 = every test clip")
     lpips: bool = True
-    flops_size: tuple[int, int] = (128, 128)
+    flops_size: tuple[Count, Count] = Field((128, 128), description="height, width of the GFLOPs measurement")
 
 
 class ExportExporters(Section):
@@ -258,11 +319,11 @@ class ExportExporters(Section):
 class ExportConfig(Section):
     """ONNX export: opset, the parity the stage demands against PyTorch, and the latency measurement."""
 
-    opset: int = Field(18, ge=17)
-    atol: float = Field(1e-4, gt=0, description="max |ONNX Runtime - PyTorch| on a real test clip")
-    psnr_tolerance_db: float = Field(0.01, gt=0, description="max PSNR difference between the two runtimes")
+    opset: Int = Field(18, ge=17)
+    atol: Float = Field(1e-4, gt=0, description="max |ONNX Runtime - PyTorch| on a real test clip")
+    psnr_tolerance_db: Float = Field(0.01, gt=0, description="max PSNR difference between the two runtimes")
     exporter: ExportExporters = ExportExporters()
-    latency_repeats: int = Field(3, ge=1, description="timed runs per runtime (the median is reported)")
+    latency_repeats: Int = Field(3, ge=1, description="timed runs per runtime (the median is reported)")
 
     def exporter_for(self, model_name: str) -> str:
         return getattr(self.exporter, model_name.lower())
@@ -276,16 +337,11 @@ class TrackingConfig(Section):
     experiment: str = Field("weather-restore", min_length=1)
     store: Path = Field(Path("mlflow.db"), description="SQLite file of the embedded store")
     artifacts: Path = Field(Path("mlartifacts"), description="artifact folder of the embedded store")
-    model_format: Literal["auto", "pickle"] = Field(
-        "auto",
-        description="auto: a torch.export graph (pt2) when it holds for every input shape, else pickle; "
-        "pickle: skip the export attempt",
-    )
 
 
 class RegistryConfig(Section):
-    min_delta: float = Field(0.05, ge=0, description="dB of test PSNR a new version must gain")
-    weather_tolerance: float = Field(0.2, ge=0, description="dB any weather may lose")
+    min_delta: Float = Field(0.05, ge=0, description="dB of test PSNR a new version must gain")
+    weather_tolerance: Float = Field(0.2, ge=0, description="dB any weather may lose")
 
 
 class Params(Section):
@@ -300,17 +356,42 @@ class Params(Section):
     registry: RegistryConfig = RegistryConfig()
 
 
-def _describe(error: dict[str, Any], source: str) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}' (check the spelling; see params.yaml for the allowed keys)"
-    if error["type"] == "missing":
+def _value_at(raw: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        raw = raw[part]
+    return raw
+
+
+def _describe(raw: dict[str, Any], key_loc: tuple[Any, ...], errors: list[dict[str, Any]], source: str) -> str:
+    """One line for one key: its problems, with the items of a list (betas, ranges) together."""
+    key = ".".join(str(part) for part in key_loc) or "(top level)"
+    first = errors[0]
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}' (check the spelling; `weather-restore params` lists every key)"
+    if first["type"] == "missing":
         return f"{source}: '{key}' is required"
-    return f"{source}: '{key}' = {error.get('input')!r} is not allowed: {error['msg']}"
+    reasons = []
+    for error in errors:
+        reason = error["msg"].removeprefix("Value error, ")
+        if len(error["loc"]) > len(key_loc):  # an item of a list
+            reason = f"item {error['loc'][-1]}: {reason}"
+        reasons.append(reason)
+    return f"{source}: '{key}' = {_value_at(raw, key_loc)!r} is not allowed: {'; '.join(reasons)}"
+
+
+def _key_of(error: dict[str, Any]) -> tuple[Any, ...]:
+    """The key an error is about: a list's items count as the list; a rule between fields, as its field."""
+    loc = tuple(error["loc"])
+    if error["type"] == "section_rule":
+        return (*loc, error["ctx"]["field"])
+    if loc and isinstance(loc[-1], int):
+        return loc[:-1]
+    return loc
 
 
 def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
-    """Validate a parsed params mapping; every problem is listed with its key, value and what is allowed."""
+    """Validate a parsed params mapping; every problem is listed, one line per key, with its value and what is
+    allowed."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -318,7 +399,10 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
-        lines = [_describe(e, source) for e in error.errors()]
+        by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for problem in error.errors():
+            by_key.setdefault(_key_of(problem), []).append(problem)
+        lines = [_describe(raw, key, problems, source) for key, problems in by_key.items()]
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -330,5 +414,8 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     return parse_params(raw, str(path))

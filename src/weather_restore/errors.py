@@ -21,6 +21,14 @@ class ModelFileError(WeatherRestoreError):
     """A checkpoint, ONNX file or registry URI does not hold the model that was asked for."""
 
 
+class ExportError(WeatherRestoreError):
+    """The ONNX graph could not be made, or does not compute what the PyTorch model computes."""
+
+
+class OutputError(WeatherRestoreError):
+    """An output path would replace or delete something the tool did not write (a user's folder, the input)."""
+
+
 class TrainingError(WeatherRestoreError):
     """Training cannot go on: a non-finite loss, or a batch size that does not divide among the processes."""
 

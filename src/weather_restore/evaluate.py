@@ -165,35 +165,34 @@ def evaluate_model(
 def load_for_evaluation(
     model_name: str, checkpoint: Path, model_uri: str | None, device: torch.device, tracking_uri: str | None = None
 ) -> nn.Module:
-    """The model to evaluate: a registry/MLflow URI (its PyTorch flavour) or a training checkpoint."""
+    """The model to evaluate: a registry or run URI of an ONNX model `model_name` (run by ONNX Runtime; any other
+    format is refused unloaded), or a training checkpoint."""
     if model_uri:
-        import mlflow.pytorch
+        from weather_restore.inference import OnnxModule, load_registered
 
-        from weather_restore.tracking import own_pickles_allowed
-
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        with own_pickles_allowed():
-            return mlflow.pytorch.load_model(model_uri, map_location=device)
+        return OnnxModule(load_registered(model_uri, tracking_uri, model_name, str(device)))
     from weather_restore.checkpoint import load_model
 
     return load_model(checkpoint, device, expected=model_name)
 
 
 def log_evaluation(run_json: Path, metrics: dict[str, Any], reports_dir: Path) -> None:
-    """Log test metrics (overall and per weather) and the report files into the training's MLflow run."""
+    """Log test metrics (overall and per weather) and the report files into the training's MLflow run, without
+    reopening it (killed here, the run keeps the status its training left); a rerun logs only what changed."""
     import mlflow
 
-    from weather_restore.tracking import read_run_info
+    from weather_restore.errors import ModelFileError
+    from weather_restore.tracking import log_changed_metrics, read_run_info
 
     info = read_run_info(run_json)
+    if info.run_id is None:
+        raise ModelFileError(f"{run_json}: the training was not tracked (tracking.enabled: false)")
     flat = {f"test_{key}": value for key, value in metrics["overall"].items() if value is not None}
     for weather, row in metrics["per_weather"].items():
         flat.update({f"test_{key}_{weather}": value for key, value in row.items() if value is not None})
     flat.update(test_fps=metrics["fps"], gflops=metrics["gflops"])
     client = mlflow.MlflowClient(tracking_uri=info.tracking_uri)
-    for key, value in flat.items():
-        client.log_metric(info.run_id, key, float(value))
+    log_changed_metrics(client, info.run_id, flat)
     # The promotion gate compares test PSNRs only when both versions were measured on the same test set.
     client.set_tag(info.run_id, "test.manifest_checksum", metrics["manifest_checksum"])
     for name in ("metrics.json", "clips.csv", "samples.png"):
@@ -228,12 +227,24 @@ def compare_table(metrics_by_model: dict[str, dict[str, Any]]) -> str:
 
 
 def write_comparison(reports_root: Path, models: list[str]) -> Path:
-    """Gather reports/<model>/metrics.json of the given models into reports/compare.md."""
+    """Gather reports/<model>/metrics.json of the given models into reports/compare.md. A model without a
+    readable metrics.json is refused before anything is written: compare.md keeps its previous table."""
+    from weather_restore.errors import DataError
+    from weather_restore.outputs import atomic_write_text
+
     found = {}
     for name in models:
         path = reports_root / name / "metrics.json"
-        if path.is_file():
-            found[name] = json.loads(path.read_text())
+        rerun = f"weather-restore evaluate --model {name}"
+        if not path.is_file():
+            raise DataError(f"{path}: no such file: evaluate the model first ({rerun}) or leave it out of --models")
+        try:
+            metrics = json.loads(path.read_text())
+            compare_table({name: metrics})  # every figure the table reads is there
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            problem = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            raise DataError(f"{path}: not a metrics file of `{rerun}` ({problem}): rerun it") from None
+        found[name] = metrics
     out = reports_root / "compare.md"
-    out.write_text(compare_table(found))
+    atomic_write_text(out, compare_table(found))
     return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import time
 import warnings
@@ -25,17 +24,14 @@ from torch import nn
 
 from weather_restore.config import ExportConfig
 from weather_restore.data.clips import load_clip, read_manifest
-from weather_restore.errors import DataError, ModelFileError, WeatherRestoreError
+from weather_restore.errors import DataError, ExportError, ModelFileError
 from weather_restore.inference import is_video_model
 from weather_restore.metrics import psnr
+from weather_restore.outputs import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "degraded", "restored"
-
-
-class ExportError(WeatherRestoreError):
-    """The ONNX graph could not be made, or does not compute what the PyTorch model computes."""
 
 
 def model_input(model_name: str, clip: np.ndarray) -> np.ndarray:
@@ -45,11 +41,25 @@ def model_input(model_name: str, clip: np.ndarray) -> np.ndarray:
 
 
 def export_onnx(model: nn.Module, model_name: str, example: np.ndarray, path: Path, cfg: ExportConfig) -> float:
-    """Write the ONNX graph atomically; returns the seconds the exporter took."""
+    """Write the ONNX graph to `path` (a partial the caller renames once it is proven) and run onnx.checker on it;
+    returns the seconds the exporter took. Whatever the exporter raises becomes one ExportError line."""
     exporter = cfg.exporter_for(model_name)
+    try:
+        seconds = _export(model, model_name, example, path, cfg, exporter)
+    except Exception as error:  # the exporters raise anything from TorchExportError to RuntimeError
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise ExportError(
+            f"the {exporter} ONNX exporter failed on {model_name} ({type(error).__name__}: {first[:300]}); "
+            f"check the params export.opset ({cfg.opset}) and export.exporter.{model_name.lower()}"
+        ) from None
+    _stamp_and_check(path, model_name, exporter)
+    return seconds
+
+
+def _export(
+    model: nn.Module, model_name: str, example: np.ndarray, path: Path, cfg: ExportConfig, exporter: str
+) -> float:
     video = is_video_model(model_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     # Batch 2: a batch of 1 gets specialised by both exporters' shape analysis.
     sample = torch.from_numpy(np.concatenate([example, example[:, ::-1]]) if video else example[:2].copy())
     started = time.perf_counter()
@@ -70,24 +80,21 @@ def export_onnx(model: nn.Module, model_name: str, example: np.ndarray, path: Pa
                 dynamic_shapes={INPUT_NAME: axes},
                 verbose=False,
             )
-            program.save(str(tmp), external_data=False)
+            program.save(str(path), external_data=False)
         else:
             names = ("batch", "frames", "height", "width") if video else ("batch", "height", "width")
             dims = (0, 1, 3, 4) if video else (0, 2, 3)
             torch.onnx.export(
                 model,
                 (sample,),
-                str(tmp),
+                str(path),
                 dynamo=False,
                 opset_version=cfg.opset,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={name: dict(zip(dims, names, strict=True)) for name in (INPUT_NAME, OUTPUT_NAME)},
             )
-    seconds = time.perf_counter() - started
-    _stamp_and_check(tmp, model_name, exporter)
-    os.replace(tmp, path)
-    return seconds
+    return time.perf_counter() - started
 
 
 def _stamp_and_check(path: Path, model_name: str, exporter: str) -> None:
@@ -104,7 +111,6 @@ def _stamp_and_check(path: Path, model_name: str, exporter: str) -> None:
     try:
         onnx.checker.check_model(graph, full_check=True)
     except onnx.checker.ValidationError as error:
-        path.unlink(missing_ok=True)
         raise ExportError(f"onnx.checker rejects the exported {model_name} graph: {error}") from None
     onnx.save(graph, str(path))
 
@@ -167,6 +173,7 @@ def export_model(
     """The stage: export, check, check parity on the first test clip at two sizes, time both runtimes, report."""
     from weather_restore.checkpoint import load_model
 
+    onnx_path, report_path = Path(onnx_path), Path(report_path)
     model = load_model(checkpoint, "cpu", expected=model_name).float().eval()
     checksum, clips = read_manifest(data_root)
     test = [clip for clip in clips if clip.split == "test"]
@@ -176,20 +183,31 @@ def export_model(
     degraded_clip, clean_clip = load_clip(data_root, clip)
     degraded, clean = model_input(model_name, degraded_clip), model_input(model_name, clean_clip)
 
-    seconds = export_onnx(model, model_name, degraded, onnx_path, cfg)
-    log.info("exported %s to %s in %.1f s (%s)", model_name, onnx_path, seconds, cfg.exporter_for(model_name))
     threads = torch.get_num_threads()
-    session = onnx_session(onnx_path, threads)
-    parity = [
-        compare(model, session, degraded, clean),
-        compare(model, session, ragged_crop(degraded), ragged_crop(clean)),
-    ]
-    worst = max(parity, key=lambda row: row["max_abs_diff"])
-    worst_psnr = max(row["psnr_diff_db"] for row in parity)
+    # The new graph replaces the previous one only once it has passed both checks: a failure keeps the old one.
+    with atomic_path(onnx_path) as partial:
+        seconds = export_onnx(model, model_name, degraded, partial, cfg)
+        log.info("exported %s in %.1f s (%s)", model_name, seconds, cfg.exporter_for(model_name))
+        session = onnx_session(partial, threads)
+        parity = [
+            compare(model, session, degraded, clean),
+            compare(model, session, ragged_crop(degraded), ragged_crop(clean)),
+        ]
+        worst = max(parity, key=lambda row: row["max_abs_diff"])
+        worst_psnr = max(row["psnr_diff_db"] for row in parity)
+        if not (worst["max_abs_diff"] <= cfg.atol and worst_psnr <= cfg.psnr_tolerance_db):
+            kept = "the previous graph is kept" if onnx_path.exists() else "no graph was written"
+            raise ExportError(
+                f"{onnx_path}: ONNX Runtime differs from PyTorch on test clip {clip.id}: max |difference| "
+                f"{worst['max_abs_diff']:.3g} at input {tuple(worst['shape'])} (allowed {cfg.atol:g}), PSNR "
+                f"difference {worst_psnr:.4f} dB (allowed {cfg.psnr_tolerance_db:g}); {kept}"
+            )
+        size = partial.stat().st_size
+    log.info("%s passed the checker and parity at two sizes", onnx_path)
     report = {
         "model": model_name,
         "onnx": str(onnx_path),
-        "bytes": onnx_path.stat().st_size,
+        "bytes": size,
         "opset": cfg.opset,
         "exporter": cfg.exporter_for(model_name),
         "export_seconds": seconds,
@@ -201,13 +219,6 @@ def export_model(
         "atol": cfg.atol,
         "psnr_tolerance_db": cfg.psnr_tolerance_db,
     }
-    if not (worst["max_abs_diff"] <= cfg.atol and worst_psnr <= cfg.psnr_tolerance_db):
-        onnx_path.unlink(missing_ok=True)
-        raise ExportError(
-            f"{onnx_path}: ONNX Runtime differs from PyTorch on test clip {clip.id}: max |difference| "
-            f"{worst['max_abs_diff']:.3g} at input {tuple(worst['shape'])} (allowed {cfg.atol:g}), PSNR difference "
-            f"{worst_psnr:.4f} dB (allowed {cfg.psnr_tolerance_db:g}); the graph was removed"
-        )
 
     # The parity runs above were both runtimes' warm-up on this very input.
     def run_torch() -> None:
@@ -221,22 +232,19 @@ def export_model(
         "pytorch_s": median_seconds(run_torch, cfg.latency_repeats),
         "onnxruntime_s": median_seconds(lambda: session.run(None, {INPUT_NAME: degraded}), cfg.latency_repeats),
     }
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_name(f".{report_path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, report_path)
+    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     return report
 
 
 def log_export(run_json: Path, report: dict[str, Any], onnx_path: Path, report_path: Path) -> str:
-    """Log the ONNX model (with its signature), the parity and latency figures into the training's MLflow run;
-    returns the logged model's URI."""
+    """Log the ONNX model (with its signature), the parity and latency figures into the training's MLflow run,
+    without reopening it (killed here, the run keeps the status its training left); returns the model's URI."""
     import mlflow
     import onnx
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from weather_restore.tracking import read_run_info
+    from weather_restore.tracking import log_changed_metrics, read_run_info
 
     info = read_run_info(run_json)
     if info.run_id is None:
@@ -244,24 +252,28 @@ def log_export(run_json: Path, report: dict[str, Any], onnx_path: Path, report_p
     video = is_video_model(report["model"])
     spec = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 3, -1, -1) if video else (-1, 3, -1, -1))])
     mlflow.set_tracking_uri(info.tracking_uri)
-    with mlflow.start_run(run_id=info.run_id):
-        logged = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)),
-            name="onnx",
-            signature=ModelSignature(inputs=spec, outputs=spec),
-            pip_requirements=[f"onnxruntime=={_version('onnxruntime')}", f"onnx=={onnx.__version__}"],
-            save_as_external_data=False,
-        )
-        mlflow.log_metrics(
-            {
-                "onnx_max_abs_diff": report["max_abs_diff"],
-                "onnx_psnr_diff_db": report["psnr_diff_db"],
-                "onnx_latency_s": report["latency"]["onnxruntime_s"],
-                "pytorch_latency_s": report["latency"]["pytorch_s"],
-            }
-        )
-        mlflow.log_artifact(str(report_path), artifact_path="export")
-        mlflow.set_tag("onnx_model_uri", logged.model_uri)
+    mlflow.set_experiment(experiment_id=info.experiment_id)  # with no active run, the model's experiment
+    logged = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)),
+        name="onnx",
+        signature=ModelSignature(inputs=spec, outputs=spec),
+        pip_requirements=[f"onnxruntime=={_version('onnxruntime')}", f"onnx=={onnx.__version__}"],
+        save_as_external_data=False,
+        run_id=info.run_id,
+    )
+    client = mlflow.MlflowClient()
+    log_changed_metrics(
+        client,
+        info.run_id,
+        {
+            "onnx_max_abs_diff": report["max_abs_diff"],
+            "onnx_psnr_diff_db": report["psnr_diff_db"],
+            "onnx_latency_s": report["latency"]["onnxruntime_s"],
+            "pytorch_latency_s": report["latency"]["pytorch_s"],
+        },
+    )
+    client.log_artifact(info.run_id, str(report_path), artifact_path="export")
+    client.set_tag(info.run_id, "onnx_model_uri", logged.model_uri)
     log.info("logged the ONNX model to MLflow run %s: %s", info.run_id, logged.model_uri)
     return logged.model_uri
 

@@ -1,13 +1,14 @@
 """Run any of the models: one door for evaluation, export checks and restoration.
 
 `restore_clip` restores a clip that fits in memory (evaluation, validation). For footage of any length and size,
-`load_restorer` loads any kind of model (PyTorch checkpoint, ONNX file, MLflow registry URI) and `restore_frames`
-streams frames through it: DynStaticNet over overlapping 10-frame windows blended over time, DwGN frame by frame,
-both over overlapping tiles blended in space.
+`load_restorer` loads any kind of model (PyTorch checkpoint, ONNX file, MLflow registry URI of an ONNX model) and
+`restore_frames` streams frames through it: DynStaticNet over overlapping 10-frame windows blended over time, DwGN
+frame by frame, both over overlapping tiles blended in space.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,8 @@ def restore_clip(model: nn.Module, model_name: str, degraded: torch.Tensor, fram
 # --- Restoring footage of any length and size -------------------------------------------------------------------
 #
 # A forward is a function from a float32 array in the model's own layout ([B, T, 3, H, W] for the video model,
-# [B, 3, H, W] for the image model) to a restored array of the same shape: a PyTorch module, an ONNX Runtime
-# session and an MLflow pyfunc model all become one.
+# [B, 3, H, W] for the image model) to a restored array of the same shape: a PyTorch module and an ONNX Runtime
+# session (from a file or from the registry) both become one.
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -62,7 +63,7 @@ class LoadedModel:
     """A model ready to restore: its name (which says the input layout), backend, forward and where it came from."""
 
     name: str
-    backend: str  # "pytorch", "onnxruntime" or "mlflow"
+    backend: str  # "pytorch" or "onnxruntime"
     forward: Forward
     source: str
 
@@ -224,6 +225,23 @@ DISPLAY_NAMES = {"dynstaticnet": "DynStaticNet", "dwgn": "DwGN"}
 ONNX_RANKS = {5: "dynstaticnet", 4: "dwgn"}  # clips [B, T, 3, H, W], frames [B, 3, H, W]
 
 
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, and CUDA present when asked for: said before any model file is read."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise ConfigError(f"--device {device}: not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def load_restorer(
     model: str,
     checkpoint: Path | None = None,
@@ -231,15 +249,17 @@ def load_restorer(
     tracking_uri: str | None = None,
     threads: int | None = None,
 ) -> LoadedModel:
-    """A model from what a user names: a `.pt` checkpoint, an `.onnx` file, a model name with a checkpoint or ONNX
-    file (which must hold that model), or a registry URI `models:/DynStaticNet@champion` (MLflow pyfunc).
+    """A model from what a user names: a `.pt` checkpoint, an `.onnx` file written by `weather-restore export`, a
+    model name with a checkpoint or ONNX file (which must hold that model), or a registry URI
+    `models:/DynStaticNet@champion` (an ONNX version, run by ONNX Runtime; other formats are refused unloaded).
 
     threads: ONNX Runtime's CPU threads (None: one per core); PyTorch's are process-wide (torch.set_num_threads).
     """
-    if model.startswith("models:/"):
+    check_device(device)
+    if model.startswith(("models:/", "runs:/")):
         if checkpoint is not None:
             raise ConfigError(f"{model} is a registry URI: it takes no --checkpoint")
-        return _load_registered(model, tracking_uri)
+        return load_registered(model, tracking_uri, None, device, threads)
     if Path(model).suffix.lower() in (".pt", ".pth", ".onnx"):
         if checkpoint is not None:
             raise ConfigError(f"give a model file ({model}) or a model name with --checkpoint, not both")
@@ -294,9 +314,14 @@ def _load_checkpoint(path: Path, expected: str | None, device: str) -> LoadedMod
     return LoadedModel(name, "pytorch", forward, str(path))
 
 
-def _load_onnx(path: Path, expected: str | None, device: str, threads: int | None) -> LoadedModel:
+def _load_onnx(
+    path: Path, expected: str | None, device: str, threads: int | None, source: str | None = None
+) -> LoadedModel:
+    """An ONNX file that `weather-restore export` wrote: it says which model it is (metadata `model_name`, and
+    the `exporter`), and its input's rank agrees. `source` names it in messages (default: the path)."""
     import onnxruntime as ort
 
+    source = source or str(path)
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -310,50 +335,67 @@ def _load_onnx(path: Path, expected: str | None, device: str, threads: int | Non
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own classes for protobuf, graph and type errors
-        raise ModelFileError(f"{path}: not a loadable ONNX model ({error})") from None
+        raise ModelFileError(f"{source}: not a loadable ONNX model ({error})") from None
     (first, *_) = session.get_inputs()
     by_rank = ONNX_RANKS.get(len(first.shape))
     if by_rank is None:
         raise ModelFileError(
-            f"{path}: takes a {len(first.shape)}-D input {first.shape}, neither clips [B, T, 3, H, W] "
+            f"{source}: takes a {len(first.shape)}-D input {first.shape}, neither clips [B, T, 3, H, W] "
             "(DynStaticNet) nor frames [B, 3, H, W] (DwGN)"
         )
-    declared = session.get_modelmeta().custom_metadata_map.get("model_name", "").lower()
-    if declared and declared != by_rank:
-        raise ModelFileError(f"{path}: metadata says {declared}, but its input {first.shape} is {by_rank}'s")
-    _check_name(path, by_rank, expected)
+    metadata = session.get_modelmeta().custom_metadata_map
+    declared = metadata.get("model_name", "").lower()
+    if declared not in MODEL_NAMES or not metadata.get("exporter"):
+        raise ModelFileError(
+            f"{source}: not an ONNX model of weather-restore (no model_name and exporter in its metadata, which "
+            "`weather-restore export` writes); export the checkpoint with `weather-restore export --model NAME`"
+        )
+    if declared != by_rank:
+        raise ModelFileError(f"{source}: metadata says {declared}, but its input {first.shape} is {by_rank}'s")
+    _check_name(source, by_rank, expected)
 
     def forward(x: np.ndarray) -> np.ndarray:
         try:
             return session.run(None, {first.name: x})[0]
         except Exception as error:  # e.g. a graph exported with a size baked in, given another size
-            raise ModelFileError(f"{path}: ONNX Runtime failed on an input of shape {x.shape} ({error})") from None
+            raise ModelFileError(f"{source}: ONNX Runtime failed on an input of shape {x.shape} ({error})") from None
 
-    return LoadedModel(by_rank, "onnxruntime", forward, str(path))
+    return LoadedModel(by_rank, "onnxruntime", forward, source)
 
 
-def _load_registered(uri: str, tracking_uri: str | None) -> LoadedModel:
-    """models:/NAME@ALIAS or models:/NAME/VERSION through mlflow.pyfunc; predict takes the model's own layout."""
+def load_registered(
+    uri: str, tracking_uri: str | None, expected: str | None = None, device: str = "cpu", threads: int | None = None
+) -> LoadedModel:
+    """models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/PATH of an ONNX model, run by ONNX Runtime like an
+    .onnx file. Its MLmodel file is read first and anything but the onnx flavour is refused before any of it is
+    loaded; a version registered as DynStaticNet or DwGN must hold that model, and `expected` too."""
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    from weather_restore.tracking import own_pickles_allowed
+    from weather_restore.registry import fetch_onnx
 
-    try:
-        with own_pickles_allowed():
-            pyfunc = mlflow.pyfunc.load_model(uri)
-    except Exception as error:  # MLflow raises MlflowException, OSError or flavour errors alike
-        raise ModelFileError(f"{uri}: cannot load from {mlflow.get_tracking_uri()} ({error})") from None
-    registered = uri.removeprefix("models:/").split("/")[0].split("@")[0].lower()
-    schema = pyfunc.metadata.get_input_schema()
-    shape = getattr(schema.inputs[0], "shape", None) if schema is not None and schema.inputs else None
-    name = ONNX_RANKS.get(len(shape)) if shape is not None else None
-    name = name or (registered if registered in MODEL_NAMES else None)
-    if name is None:
-        raise ModelFileError(f"{uri}: neither its signature nor its name says whether it takes clips or frames")
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    with tempfile.TemporaryDirectory(prefix="weather-restore-") as folder:
+        path, located = fetch_onnx(uri, tracking_uri, Path(folder), expected)
+        # ONNX Runtime reads the whole graph when the session is made: the download can go afterwards.
+        loaded = _load_onnx(path, expected or located.model, device, threads, source=located.label)
+    if located.model is not None and loaded.name != located.model:
+        raise ModelFileError(
+            f"{located.label}: registered as {DISPLAY_NAMES[located.model]} but holds a {DISPLAY_NAMES[loaded.name]} "
+            "model; register it under its own name"
+        )
+    return loaded
 
-    def forward(x: np.ndarray) -> np.ndarray:
-        return np.asarray(pyfunc.predict(x), dtype=np.float32)
 
-    return LoadedModel(name, "mlflow", forward, uri)
+class OnnxModule(nn.Module):
+    """A loaded ONNX model as a module, for code that takes one (evaluation): tensors in, tensors out on the
+    input's device. It has no parameters PyTorch can see, and FLOP counters see none of its work."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.loaded = loaded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:  # shape-only passes (cost counting) learn the shape and nothing else
+            return torch.empty_like(x)
+        restored = self.loaded.forward(np.ascontiguousarray(x.detach().float().cpu().numpy()))
+        return torch.from_numpy(restored).to(x.device)

@@ -7,8 +7,10 @@ PSNR and SSIM are computed on RGB in [0, 1], per frame, and equal scikit-image's
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,3 +153,90 @@ class LPIPSMetric:
         if self.model is None:
             return None
         return self.model(restored * 2 - 1, clean * 2 - 1).flatten().double().cpu()
+
+
+# --- temporal consistency ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemporalReference:
+    """The motion of a clean clip, measured once and used to judge any version of it (restored, degraded, clean).
+
+    `flows[t]` holds, for each pixel of frame t+1, its displacement (rows, columns) to frame t; `masks[t]` is True
+    where that displacement passes the forward-backward check and lands inside frame t (not occluded).
+    """
+
+    flows: np.ndarray  # (T-1, 2, H, W)
+    masks: np.ndarray  # (T-1, H, W) bool
+
+
+def _gray(frames: torch.Tensor) -> np.ndarray:
+    """(T, 3, H, W) RGB in [0, 1] -> (T, H, W) luminance, as skimage.color.rgb2gray weighs it."""
+    weights = torch.tensor([0.2125, 0.7154, 0.0721], dtype=torch.float64).view(1, 3, 1, 1)
+    return (frames.double().cpu() * weights).sum(dim=1).numpy()
+
+
+def _sample(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a (..., H, W) array at (H, W) coordinates, edges repeated."""
+    from scipy.ndimage import map_coordinates
+
+    if image.ndim == 2:
+        return map_coordinates(image, [rows, cols], order=1, mode="nearest")
+    return np.stack([_sample(channel, rows, cols) for channel in image])
+
+
+def temporal_reference(clean: torch.Tensor) -> TemporalReference:
+    """TV-L1 optical flow between consecutive clean frames of a (T, 3, H, W) clip, with occlusion masks.
+
+    The mask is Ruder et al.'s forward-backward check, as Lai et al. (ECCV 2018) use it for the warping error:
+    a pixel is occluded where |b + f(x + b)|² > 0.01 (|b|² + |f(x + b)|²) + 0.5 (b the backward flow, f the
+    forward flow), or where x + b leaves the frame.
+    """
+    from skimage.registration import optical_flow_tvl1
+
+    gray = _gray(clean)
+    height, width = gray.shape[1:]
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    flows, masks = [], []
+    for previous, current in zip(gray[:-1], gray[1:], strict=True):
+        backward = optical_flow_tvl1(current, previous).astype(np.float64)  # current(x) ~ previous(x + b)
+        forward = optical_flow_tvl1(previous, current).astype(np.float64)  # previous(y) ~ current(y + f)
+        to_rows, to_cols = rows + backward[0], cols + backward[1]
+        forward_there = _sample(forward, to_rows, to_cols)
+        mismatch = ((backward + forward_there) ** 2).sum(axis=0)
+        scale = (backward**2).sum(axis=0) + (forward_there**2).sum(axis=0)
+        inside = (to_rows >= 0) & (to_rows <= height - 1) & (to_cols >= 0) & (to_cols <= width - 1)
+        flows.append(backward)
+        masks.append(inside & (mismatch <= 0.01 * scale + 0.5))
+    empty = (0, 2, height, width)
+    return TemporalReference(
+        np.stack(flows) if flows else np.zeros(empty), np.stack(masks) if masks else np.zeros(empty[:1] + empty[2:])
+    )
+
+
+def warping_error(frames: torch.Tensor, reference: TemporalReference) -> float:
+    """Lai et al.'s warping error of a (T, 3, H, W) clip: frame t-1 warped onto frame t by the clean clip's flow,
+    the squared difference to frame t averaged over the non-occluded pixels and the channels, then over t.
+
+    Zero for a clip that follows the clean clip's motion exactly; flicker and wobble raise it. Compare it with the
+    same figure of the clean clip (the flow's own residual) and of the degraded clip."""
+    video = frames.double().cpu().numpy()
+    height, width = video.shape[2:]
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    errors = []
+    for t, (flow, mask) in enumerate(zip(reference.flows, reference.masks, strict=True)):
+        if not mask.any():
+            continue
+        warped = _sample(video[t], rows + flow[0], cols + flow[1])
+        errors.append(float(((video[t + 1] - warped) ** 2).mean(axis=0)[mask].mean()))
+    return float(np.mean(errors)) if errors else 0.0
+
+
+def flicker_error(restored: torch.Tensor, clean: torch.Tensor) -> float:
+    """The flow-free temporal error of a (T, 3, H, W) clip: mean |(R_t - R_{t-1}) - (C_t - C_{t-1})| over pixels,
+    channels and t. Zero when the restored clip changes from frame to frame exactly as the clean one does."""
+    if restored.shape[0] < 2:
+        return 0.0
+    restored_change = restored.double().diff(dim=0)
+    clean_change = clean.double().to(restored.device).diff(dim=0)
+    return float((restored_change - clean_change).abs().mean())

@@ -1,7 +1,10 @@
 """Stages `register`, `promote` and `rollback`: MLflow model registry versions behind a promotion gate.
 
-A training run's logged model becomes a version of `DynStaticNet` or `DwGN`, tagged with where it came from (git
-commit, data manifest, config hash) and how it did (test metrics overall and per weather, ONNX parity figures).
+The ONNX model that `export` logged into a training's run becomes a version of `DynStaticNet` or `DwGN`, tagged
+with where it came from (git commit, data manifest, config hash) and how it did (test metrics overall and per
+weather, ONNX parity figures). ONNX is the one registered format because it loads without running any code (a
+protobuf graph run by ONNX Runtime); every path that loads or promotes a version first reads its MLmodel file and
+refuses any other flavour (a pickled or cloudpickled model would run whatever it holds on load).
 The alias `champion` names the version to serve (`models:/DwGN@champion`). `promote` moves it only when the
 candidate's test PSNR beats the champion's by `registry.min_delta` dB on the same test set and no weather loses more
 than `registry.weather_tolerance` dB; the version it leaves gets `previous`, and `rollback` swaps the two. Every
@@ -14,8 +17,10 @@ import getpass
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from weather_restore.data.records import WEATHERS
@@ -42,8 +47,10 @@ RUN_TAGS = {
     "git_dirty": "git_dirty",
     "data.manifest_checksum": "data.manifest_checksum",
     TEST_SET_TAG: TEST_SET_TAG,
-    "model_format": "model_format",
 }
+# Set on the training's run by `export.log_export`: the URI of the ONNX model it logged, what `register` registers.
+ONNX_MODEL_TAG = "onnx_model_uri"
+MODEL_FORMAT = "onnx"
 DESCRIPTIONS = {
     "dynstaticnet": "DynStaticNet: video network removing rain, haze and snow; takes clips [B, T, 3, H, W]",
     "dwgn": "DwGN: image network removing rain, haze and snow, run frame by frame; takes frames [B, 3, H, W]",
@@ -52,10 +59,25 @@ DESCRIPTIONS = {
 EPSILON = 1e-9
 
 
+def require_store(tracking_uri: str) -> None:
+    """Refuse a local store that does not exist: MLflow would create an empty one in its place, silently."""
+    path = None
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+    elif tracking_uri.startswith("file:"):
+        path = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+    if path is not None and not path.exists():
+        raise RegistryError(
+            f"no MLflow store at {tracking_uri} (the tracking URI used): run from the project folder, or set "
+            "MLFLOW_TRACKING_URI to the store that holds the registry (sqlite:////path/to/mlflow.db or a server URL)"
+        )
+
+
 def connect(tracking_uri: str) -> MlflowClient:
-    """A client of the store at `tracking_uri` (from `tracking.tracking_uri`), with telemetry off."""
+    """A client of the existing store at `tracking_uri` (from `tracking.tracking_uri`), with telemetry off."""
     for name, value in TELEMETRY_OFF.items():
         os.environ.setdefault(name, value)
+    require_store(tracking_uri)
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri)
@@ -75,6 +97,131 @@ def _now() -> str:
 
 def _is(error: Exception, *codes: str) -> bool:
     return getattr(error, "error_code", None) in codes
+
+
+# --- the safe format: ONNX only ---------------------------------------------------------------------------------
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def onnx_problem(mlmodel: Any) -> str | None:
+    """Why a logged model's MLmodel file (parsed) is not an ONNX model that loads without running code; None if
+    it is. Only `onnx` and its `python_function` (loader_module mlflow.onnx) may appear: any other flavour
+    (pytorch, a cloudpickled python_model, sklearn...) unpickles or imports code on load, and so do `code` paths
+    (put on sys.path), execution providers with options (which may name plugin libraries) and extra session
+    config entries."""
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict) or not flavors:
+        return "its MLmodel file names no flavour"
+    if set(flavors) - {"onnx", "python_function"}:
+        return f"its flavours are {', '.join(sorted(map(str, flavors)))}, not onnx"
+    onnx, pyfunc = flavors.get("onnx"), flavors.get("python_function")
+    if isinstance(pyfunc, dict) and pyfunc.get("loader_module") != "mlflow.onnx":
+        return f"its python_function flavour loads through {pyfunc.get('loader_module')!r}, not mlflow.onnx"
+    if not isinstance(onnx, dict) or not isinstance(pyfunc, dict):
+        return "it has no onnx flavour with its python_function"
+    if onnx.get("code") or pyfunc.get("code"):
+        return "it ships Python code"
+    if any(not isinstance(provider, str) for provider in onnx.get("providers") or []):
+        return "its execution providers carry options"
+    if (onnx.get("onnx_session_options") or {}).get("extra_session_config"):
+        return "its session options carry extra config entries"
+    data = onnx.get("data")
+    if not isinstance(data, str) or PurePosixPath(data).name != data or data in ("", ".", ".."):
+        return f"its onnx flavour names no plain model file (data: {data!r})"
+    return None
+
+
+def require_onnx(mlmodel: Any, label: str, model: str | None = None) -> str:
+    """The ONNX file name of a safe logged model; anything else is refused with how to re-register it."""
+    problem = onnx_problem(mlmodel)
+    if problem is not None:
+        which = model or "MODEL"
+        raise RegistryError(
+            f"{label}: not an ONNX model ({problem}); loading it could run code, so it is refused. Re-register it "
+            f"from a run exported by `weather-restore export --model {which}` (`weather-restore register --model "
+            f"{which}`)"
+        )
+    return mlmodel["flavors"]["onnx"]["data"]
+
+
+def _download(artifact_uri: str, tracking_uri: str, folder: str) -> Path:
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file on stderr, else
+    path = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=folder, tracking_uri=tracking_uri)
+    return Path(path)
+
+
+def read_mlmodel(storage_uri: str, tracking_uri: str, label: str) -> Any:
+    """The parsed MLmodel file of the logged model stored at `storage_uri` (only that file is downloaded)."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="weather-restore-") as folder:
+        try:
+            path = _download(f"{storage_uri.rstrip('/')}/MLmodel", tracking_uri, folder)
+            return yaml.safe_load(path.read_text())
+        except (MlflowException, OSError, yaml.YAMLError) as error:
+            raise RegistryError(f"{label}: cannot read its MLmodel file ({_first_line(error)})") from None
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a model URI's files are: `storage` (a version's, pinned even when named by alias), a label for
+    messages, and the project's model it is registered as (None when its registered name is not one of ours)."""
+
+    storage: str
+    label: str
+    model: str | None
+
+
+def locate(uri: str, client: MlflowClient) -> Located:
+    """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/m-ID` (a logged model) or `runs:/...`."""
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        return Located(uri, uri, None)
+    rest = uri.removeprefix("models:/").strip("/")
+    try:
+        if "@" not in rest and "/" not in rest and rest.startswith("m-"):
+            return Located(client.get_logged_model(rest).artifact_location, uri, None)
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = str(client.get_model_version_by_alias(name, alias).version)
+            label = f"{uri} (version {version})"
+        else:
+            name, _, version = rest.partition("/")
+            label = uri
+        model = {registered: model for model, registered in REGISTERED_NAMES.items()}.get(name)
+        if not version.isdigit():  # a stage or `latest`: MLflow resolves it
+            return Located(uri, label, model)
+        return Located(client.get_model_version_download_uri(name, version), label, model)
+    except MlflowException as error:
+        raise RegistryError(f"{uri}: cannot load from {client.tracking_uri} ({_first_line(error)})") from None
+
+
+def fetch_onnx(uri: str, tracking_uri: str, folder: Path, model: str | None = None) -> tuple[Path, Located]:
+    """Download the ONNX file of a registry or run URI into `folder`, after its MLmodel file proved it an ONNX
+    model; nothing else of a refused model is downloaded, and nothing of it is ever loaded."""
+    from mlflow.exceptions import MlflowException
+
+    located = locate(uri, connect(tracking_uri))
+    mlmodel = read_mlmodel(located.storage, tracking_uri, located.label)
+    data = require_onnx(mlmodel, located.label, model or located.model)
+    try:
+        return _download(f"{located.storage.rstrip('/')}/{data}", tracking_uri, str(folder)), located
+    except (MlflowException, OSError) as error:
+        raise RegistryError(f"{located.label}: cannot download its ONNX file ({_first_line(error)})") from None
+
+
+def require_safe_version(client: MlflowClient, version: ModelVersion, model: str) -> None:
+    """Refuse to promote (or roll back to) a version that is not an ONNX model."""
+    label = f"{version.name} version {version.version}"
+    storage = client.get_model_version_download_uri(version.name, str(version.version))
+    require_onnx(read_mlmodel(storage, client.tracking_uri, label), label, model)
 
 
 # --- register ---------------------------------------------------------------------------------------------------
@@ -101,8 +248,8 @@ class Registration:
 
 
 def version_tags(model: str, run: Run) -> dict[str, str]:
-    """What a version records of its run: lineage, test metrics overall and per weather, ONNX parity."""
-    tags = {"model": model}
+    """What a version records of its run: its format, lineage, test metrics overall and per weather, ONNX parity."""
+    tags = {"model": model, "model_format": MODEL_FORMAT}
     tags.update({key: run.data.tags[tag] for key, tag in RUN_TAGS.items() if tag in run.data.tags})
     if "config_hash" in run.data.params:
         tags["config_hash"] = run.data.params["config_hash"]
@@ -140,10 +287,10 @@ def describe(model: str, run: Run) -> str:
     return text + "."
 
 
-def _versions_of(client: MlflowClient, name: str, run_info: RunInfo) -> list[ModelVersion]:
-    """Versions of `name` holding the run's logged model, oldest first."""
-    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_info.run_id}'")
-    return sorted((v for v in found if v.source == run_info.model_uri), key=lambda v: int(v.version))
+def _versions_of(client: MlflowClient, name: str, run_id: str, source: str) -> list[ModelVersion]:
+    """Versions of `name` made from the run's ONNX model `source`, oldest first."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return sorted((v for v in found if v.source == source), key=lambda v: int(v.version))
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, model: str) -> None:
@@ -176,11 +323,12 @@ def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: 
 
 
 def register(model: str, run_info: RunInfo, client: MlflowClient, name: str | None = None) -> Registration:
-    """Register the logged model of the run in `run_info` (models/<model>/run.json) as a new version of `name`
-    (default DynStaticNet or DwGN), with its lineage and test metrics as tags and a description.
+    """Register the ONNX model that `export` logged into the run in `run_info` (models/<model>/run.json) as a new
+    version of `name` (default DynStaticNet or DwGN), with its lineage and test metrics as tags and a description.
 
-    The run must have been evaluated. A run registered before gives back its version; two processes registering at
-    once both succeed (the registered model's creation may race, version numbers are allocated by the store).
+    The run must have been evaluated and exported. A run registered before gives back its version; two processes
+    registering at once both succeed (the registered model's creation may race, version numbers are allocated by
+    the store).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -188,7 +336,7 @@ def register(model: str, run_info: RunInfo, client: MlflowClient, name: str | No
     name = name or registered_name(model)
     if run_info.model != model:
         raise RegistryError(f"the run record is of {run_info.model}, not {model}")
-    if not run_info.run_id or not run_info.model_uri:
+    if not run_info.run_id:
         raise RegistryError(f"{model} was trained with tracking disabled: there is no MLflow run to register")
     try:
         run = client.get_run(run_info.run_id)
@@ -204,6 +352,12 @@ def register(model: str, run_info: RunInfo, client: MlflowClient, name: str | No
             f"MLflow run {run_info.run_id} of {model} has no test metrics: run `weather-restore evaluate --model "
             f"{model}` first"
         )
+    source = run.data.tags.get(ONNX_MODEL_TAG)
+    if not source:
+        raise RegistryError(
+            f"MLflow run {run_info.run_id} of {model} has no ONNX model to register: run `weather-restore export "
+            f"--model {model}` first"
+        )
     if TEST_SET_TAG not in run.data.tags:
         log.warning("run %s does not record its test set (%s): the gate will refuse it", run_info.run_id, TEST_SET_TAG)
 
@@ -213,22 +367,24 @@ def register(model: str, run_info: RunInfo, client: MlflowClient, name: str | No
             name, str(version.version), run_info.run_id, created, metrics["test_psnr"], metrics.get("test_input_psnr")
         )
 
-    if existing := _versions_of(client, name, run_info):
+    if existing := _versions_of(client, name, run_info.run_id, source):
         return result(existing[0], created=False)
+    located = locate(source, client)
+    require_onnx(read_mlmodel(located.storage, client.tracking_uri, source), f"{source} (tag {ONNX_MODEL_TAG})", model)
     _ensure_registered_model(client, name, model)
     # A local SQLite store resolves a `models:/m-...` source through MLflow's global URI.
     mlflow.set_tracking_uri(client.tracking_uri)
-    model_id = run_info.model_uri.removeprefix("models:/") if run_info.model_uri.startswith("models:/m-") else None
+    model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
     version = client.create_model_version(
         name,
-        run_info.model_uri,
+        source,
         run_id=run_info.run_id,
         tags=version_tags(model, run),
         description=describe(model, run),
         model_id=model_id,
     )
     # Two registrations of one run at once both pass the look-up above: the later version gives way.
-    first = _versions_of(client, name, run_info)[0]
+    first = _versions_of(client, name, run_info.run_id, source)[0]
     if str(first.version) != str(version.version):
         client.delete_model_version(name, version.version)
         return result(first, created=False)
@@ -437,13 +593,15 @@ def promote(
 ) -> Promotion:
     """Move the alias `champion` of `name` (default DynStaticNet or DwGN) to `version` (default the newest) when it
     passes the gate (`compare`); the version losing `champion` gets `previous`. A refusal raises `PromotionRefused`
-    with the comparison table. `force` promotes anyway and records the user and `reason` (required).
+    with the comparison table. `force` promotes anyway and records the user and `reason` (required). A version
+    that is not an ONNX model is refused before anything is written.
     """
     name = name or registered_name(model)
     if force and not (reason and reason.strip()):
         raise RegistryError("forcing a promotion needs a reason (--reason TEXT): it is recorded with your user name")
     aliases = _aliases(client, name)
     candidate = _version(client, name, version)
+    require_safe_version(client, candidate, model)
     new, old = str(candidate.version), aliases.get(CHAMPION)
     if old == new:
         return Promotion(name, new, "unchanged", None, None)
@@ -493,12 +651,14 @@ class Rollback:
 
 
 def rollback(model: str, client: MlflowClient, name: str | None = None) -> Rollback:
-    """Swap the aliases `champion` and `previous` of `name` (default DynStaticNet or DwGN); recorded in both."""
+    """Swap the aliases `champion` and `previous` of `name` (default DynStaticNet or DwGN); recorded in both. A
+    `previous` that is not an ONNX model is refused: it would become the champion."""
     name = name or registered_name(model)
     aliases = _aliases(client, name)
     if PREVIOUS not in aliases or CHAMPION not in aliases:
         raise RegistryError(f"{name} has no {PREVIOUS} version to roll back to (aliases: {aliases or 'none'})")
     restored, demoted = aliases[PREVIOUS], aliases[CHAMPION]
+    require_safe_version(client, client.get_model_version(name, restored), model)
     client.set_registered_model_alias(name, CHAMPION, restored)
     client.set_registered_model_alias(name, PREVIOUS, demoted)
     _record(

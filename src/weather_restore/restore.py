@@ -3,18 +3,16 @@
 Frames stream through: decoded one by one, restored as soon as their window is complete (inference.restore_frames:
 sliding windows for DynStaticNet, tiles for any size), encoded right away, so memory depends on the frame size,
 never on the length. The output takes shape under a temporary sibling name and is renamed when complete; on any
-error or interrupt the temporary goes away and nothing appears under the final name.
+error or interrupt the temporary goes away and nothing appears under the final name. An existing output is
+replaced only when the tool wrote it (a frame folder with its marker, a file of the kind written), see outputs.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +32,7 @@ from weather_restore.inference import (
     restore_frames,
     temporal_weights,
 )
+from weather_restore.outputs import atomic_path, check_output_file, check_output_folder, write_marker
 from weather_restore.progress import progress
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ class VideoSource:
 
     def _decode(self) -> Iterator[av.VideoFrame]:
         streams = [self.stream] + ([self.audio] if self.audio else [])
-        decoded = 0
+        decoded, last_pts = 0, None
         try:
             for packet in self.container.demux(streams):
                 if packet.stream.type == "audio":
@@ -130,9 +129,32 @@ class VideoSource:
                     continue
                 for frame in packet.decode():
                     decoded += 1
+                    if frame.pts is not None:
+                        last_pts = frame.pts if last_pts is None else max(last_pts, frame.pts)
                     yield frame
         except av.error.FFmpegError as error:
             raise DataError(f"{self.path}: cannot decode frame {decoded + 1} ({error.strerror or error})") from None
+        self._check_complete(decoded, last_pts)
+
+    def _check_complete(self, decoded: int, last_pts: int | None) -> None:
+        """A file cut short (a copy that stopped, a download that broke) demuxes without an error: what decoded
+        must reach the end of the stream its header announces (an edit list's end, not all stored frames)."""
+        listed = self.stream.frames
+        if self.stream.duration and self.time_base and last_pts is not None:
+            start = self.stream.start_time or 0
+            decoded_s = float((last_pts - start) * self.time_base + 1 / self.rate)
+            listed_s = float(self.stream.duration * self.time_base)
+            if decoded_s >= listed_s - 2 / float(self.rate):  # the last frames' durations may differ a little
+                return
+            listed = listed or round(listed_s * float(self.rate))
+            span = f" ({decoded_s:.2f} s of {listed_s:.2f} s)"
+        elif listed and decoded < listed:
+            span = ""
+        else:
+            return
+        raise DataError(
+            f"{self.path}: truncated or damaged: decoded {decoded} of {listed} frames{span}; nothing was written"
+        )
 
     def frames(self, on_audio: Callable[[av.Packet], None] | None = None) -> Iterator[tuple[np.ndarray, object]]:
         """Every frame with its presentation time; audio packets go to `on_audio` as they are demuxed."""
@@ -302,11 +324,13 @@ class VideoSink:
 
 
 class FolderSink:
-    """PNG frames in a folder: the input frames' names, or 000000.png, 000001.png, ... for a video."""
+    """PNG frames in a folder: the input frames' names, or 000000.png, 000001.png, ... for a video; and the marker
+    that lets a later run replace the folder."""
 
     def __init__(self, path: Path):
         self.path = path
         path.mkdir(parents=True)
+        write_marker(path, "restore")
         self.index = 0
         self.audio = None
 
@@ -334,32 +358,28 @@ class ImageSink:
         pass
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_output(final: Path) -> Iterator[Path]:
-    """A temporary sibling of `final` (file or folder, same suffix) that replaces it on success and is removed on
-    any error or interrupt."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
-    _remove(temporary)
+def _is_video(path: Path) -> bool:
     try:
-        yield temporary
-    except BaseException:
-        _remove(temporary)
-        raise
-    if final.is_dir():  # os.replace cannot replace a non-empty folder: move the old one aside first
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(temporary, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temporary, final)
+        with av.open(str(path)) as container:
+            return bool(container.streams.video)
+    except (av.error.FFmpegError, OSError):
+        return False
+
+
+def _is_image(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # PIL raises anything from OSError to SyntaxError for a file that is not an image
+        return False
+    return True
+
+
+def check_output(output_path: Path, input_path: Path, kind: str, force: bool = False) -> Path:
+    """Refuse an OUTPUT that would replace what the tool did not write, or the input; returns it made absolute."""
+    if kind == "frames":
+        return check_output_folder(output_path, "restore", [input_path], force)
+    return check_output_file(output_path, kind, _is_video if kind == "video" else _is_image, [input_path], force)
 
 
 # --- The stage -------------------------------------------------------------------------------------------------
@@ -375,26 +395,27 @@ def restore(
     compare: bool = False,
     fps: float = DEFAULT_FPS,
     crf: int = DEFAULT_CRF,
+    force: bool = False,
 ) -> RestoreSummary:
     """Restore INPUT (video file, folder of frames or image) into OUTPUT (kind from its name) with `model`.
 
     compare: each output frame is the input and the restored frame side by side. fps: the frame rate of a video
-    made from frames or an image (a video keeps its own).
+    made from frames or an image (a video keeps its own). force: replace an existing OUTPUT the tool did not
+    write (never the input, a folder holding it, or a folder for a file).
     """
     check_tiling(tile, overlap)
     temporal_weights(stride=stride)  # refuses a stride outside 1..window before anything is opened
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.resolve() == input_path.resolve():
-        raise DataError(f"{output_path}: the output would overwrite the input")
     source = open_source(input_path)
     try:
         kind = output_kind(output_path, source)
+        final = check_output(output_path, input_path, kind, force)
         width = source.width * (2 if compare else 1)
         notes: list[str] = []
         pending: deque[tuple[np.ndarray | None, object]] = deque()  # inputs whose restoration is not out yet
         started = time.perf_counter()
         written = 0
-        with atomic_output(output_path) as temporary:
+        with atomic_path(final) as temporary:
             if kind == "video":
                 sink = VideoSink(temporary, source, width, source.height, fps, crf, notes)
             elif kind == "frames":

@@ -8,11 +8,11 @@ directory and on whether a `./mlruns` folder exists). Open it with
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from weather_restore.config import TrackingConfig
 from weather_restore.errors import ModelFileError
+from weather_restore.outputs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,12 @@ TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 class RunInfo(BaseModel):
     """`models/<model>/run.json`: where a training was tracked, so that evaluation and export log into its run.
-    Every field but `model` is None when the training ran with tracking disabled."""
+
+    Written when a training starts (`complete: false`) and again once all its end-of-training logging is done and
+    its MLflow run has ended (`complete: true`), so a rerun knows which run an interrupted training left behind
+    and whether the finished checkpoint beside it still has logging to do. `training_id` is the checkpoint's.
+    The MLflow fields are None when the training ran with tracking disabled; `model_uri` only in records of
+    trainings that logged a PyTorch model (they no longer do: the registered model is export's ONNX graph)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
@@ -39,6 +45,9 @@ class RunInfo(BaseModel):
     experiment: str | None = None
     tracking_uri: str | None = None
     model_uri: str | None = None
+    training_id: str | None = None
+    # Records written before this field existed were written only at the end of a training.
+    complete: bool = True
 
 
 def tracking_uri(cfg: TrackingConfig, project_root: Path) -> str:
@@ -121,42 +130,54 @@ def git_commit(project_root: Path) -> tuple[str | None, bool]:
 
 def write_run_info(path: Path, info: RunInfo) -> None:
     """Write run.json atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(info.model_dump_json(indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), info.model_dump_json(indent=1) + "\n")
 
 
-def read_run_info(path: Path) -> RunInfo:
+def read_run_info(path: Path, finished_only: bool = True) -> RunInfo:
+    """The run record at `path`; with `finished_only`, one of a training that has not finished is refused."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no run record; train the model first (weather-restore train)")
     try:
-        return RunInfo.model_validate_json(path.read_text())
+        info = RunInfo.model_validate_json(path.read_text())
     except ValueError as error:
-        raise ModelFileError(f"{path}: not a run record ({error})") from None
+        first = str(error).splitlines()[0]
+        raise ModelFileError(f"{path}: not a run record ({first}); train the model again to rewrite it") from None
+    if finished_only and not info.complete:
+        raise ModelFileError(
+            f"{path}: the training of {info.model} did not finish (it was interrupted or failed); run "
+            f"`weather-restore train --model {info.model}` again to finish it"
+        )
+    return info
 
 
-@contextlib.contextmanager
-def own_pickles_allowed() -> Iterator[None]:
-    """Let MLflow unpickle a model while inside: the models this project logs in the pickle format (when
-    torch.export cannot keep their shapes dynamic) were written by this project."""
-    previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
-    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]
-        else:
-            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+def log_changed_metrics(client: Any, run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log `metrics` (step 0) into a run in one batch, without reopening it, leaving out those whose latest value
+    there is the same: a stage rerun after a crash while it logged adds no duplicate rows."""
+    from mlflow.entities import Metric
+
+    latest = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items() if latest.get(key) != float(value)]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
 
 
-def load_logged_model(model_uri: str) -> Any:
-    """Load a model this project logged (a torch.export graph, or a pickled module when export could not keep
-    its shapes dynamic)."""
+def end_interrupted_runs(run_ids: Iterable[str | None]) -> list[str]:
+    """Mark KILLED those of the runs that the current store holds as RUNNING: their process died (a training
+    that supersedes them, or resumes another, is starting); returns them."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    with own_pickles_allowed():
-        return mlflow.pytorch.load_model(model_uri)
+    client = mlflow.MlflowClient()
+    ended = []
+    for run_id in dict.fromkeys(r for r in run_ids if r):
+        try:
+            status = client.get_run(run_id).info.status
+        except MlflowException:
+            continue  # tracked in another store
+        if status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            log.warning("MLflow run %s was left running by an interrupted training: marked KILLED", run_id)
+            ended.append(run_id)
+    return ended

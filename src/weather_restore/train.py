@@ -9,18 +9,24 @@ alone logs, checkpoints and talks to MLflow.
 Outputs: `<out>/checkpoint.pt` (every `checkpoint_every` iterations and at the end), `<out>/run.json` (the MLflow
 run, for evaluation and export), `<reports>/train.csv` (iteration, loss, lr, data wait, step time; written as it
 goes) and `<reports>/validation.csv` (validation PSNR of a few test clips, and the input's).
+
+Killed at any point, a rerun goes on where it stopped. Metric rows reach MLflow only after the checkpoint that
+covers them (it carries those not yet sent), so the steps a resume redoes are never logged twice. run.json names
+the run from the start and is marked complete only once the run has ended: a finished checkpoint whose record is
+not complete finishes its logging in the same run instead of training again, and a run that an interrupted
+training left RUNNING is either resumed or, when a new training supersedes it, marked KILLED.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import logging
 import math
 import os
 import random
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +43,10 @@ from weather_restore import tracking
 from weather_restore.checkpoint import config_hash, restore_rng_state, resume_state, rng_state, save_checkpoint
 from weather_restore.config import Params, TrainConfig
 from weather_restore.data.dataset import ClipDataset, FrameDataset, TrainingSampler, spread_over_weathers
-from weather_restore.errors import TrainingError
+from weather_restore.errors import ModelFileError, TrainingError
 from weather_restore.inference import is_video_model, restore_clip
 from weather_restore.losses import LOSSES, Loss, frame_psnr
+from weather_restore.outputs import atomic_path
 from weather_restore.progress import progress
 
 log = logging.getLogger(__name__)
@@ -184,12 +191,10 @@ class CsvLog:
         if resume_at is not None and self.path.is_file():
             with open(self.path, newline="") as file:
                 kept = [row for row in csv.DictReader(file) if int(row["iteration"]) <= resume_at]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as file:
+        with atomic_path(self.path) as temporary, open(temporary, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=fields)
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(tmp, self.path)
         self._file = open(self.path, "a", newline="")  # noqa: SIM115 - closed by close()
         self._writer = csv.DictWriter(self._file, fieldnames=fields)
 
@@ -201,90 +206,12 @@ class CsvLog:
         self._file.close()
 
 
-def _example_input(samples: list[dict[str, Any]], video: bool, crop: int) -> np.ndarray:
-    """A batch of 2 real inputs (batch 1 would be specialised by torch.export), centre-cropped."""
-    clips = [s["degraded"] for s in samples[:2]]
-    if len(clips) == 1:
-        clips.append(clips[0].flip(-1))
-    height, width = clips[0].shape[-2:]
-    size = min(crop, height, width)
-    top, left = (height - size) // 2, (width - size) // 2
-    batch = torch.stack([c[..., top : top + size, left : left + size] for c in clips])  # (2, T, 3, s, s)
-    if not video:
-        batch = batch[:, 0]  # (2, 3, s, s)
-    return batch.numpy().astype(np.float32)
-
-
-def _probes(example: np.ndarray) -> list[torch.Tensor]:
-    """Inputs unlike the example (batch, frames, an exact multiple of the window grid and a ragged size) that a
-    graph exported from the example must also get right."""
-    generator = torch.Generator().manual_seed(0)
-    lead = (3, example.shape[1] + 1) if example.ndim == 5 else (3,)
-    return [torch.rand(*lead, 3, h, w, generator=generator) for h, w in ((64, 64), (40, 72))]
-
-
-def _check_logged(model_uri: str, model: nn.Module, probes: list[torch.Tensor]) -> str | None:
-    """None when the logged model gives the eager model's output on every probe, else what went wrong."""
-    import mlflow
-
-    logged = mlflow.pytorch.load_model(model_uri)
-    for probe in probes:
-        try:
-            with torch.no_grad():
-                error = (logged(probe) - model(probe)).abs().max().item()
-        except Exception as failure:  # an exported graph's shape guards raise plain errors
-            return f"input {tuple(probe.shape)}: {str(failure).splitlines()[0][:300]}"
-        if not error <= 1e-4:
-            return f"input {tuple(probe.shape)}: differs from the model by {error:.3g}"
-    return None
-
-
-def log_model(model: nn.Module, example: np.ndarray, model_format: str = "auto") -> tuple[str, str]:
-    """Log the model to the active MLflow run; returns (model URI, serialization format).
-
-    First as a torch.export graph (`pt2`, the safe format) with a signature whose batch, frame and spatial dims
-    are dynamic (-1) and a batch-2 example; the logged graph is loaded back and checked on inputs of other
-    shapes, since torch.export bakes in guards wherever the model's code branches on a size. When export fails or
-    the graph does not generalise, or with `model_format="pickle"`, the documented alternative:
-    `serialization_format="pickle"` (loading it needs the weather_restore package and
-    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true; see `tracking.load_logged_model`).
-    """
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    shape = (-1, -1, 3, -1, -1) if example.ndim == 5 else (-1, 3, -1, -1)
-    spec = Schema([TensorSpec(np.dtype(np.float32), shape)])
-    cpu_model = copy.deepcopy(model).cpu().float().eval()
-    common = {
-        "name": "model",
-        "signature": ModelSignature(inputs=spec, outputs=spec),
-        "input_example": example,
-    }
-    torch_requirement = f"torch=={torch.__version__.split('+')[0]}"
-    if model_format == "auto":
-        info = None
-        try:
-            info = mlflow.pytorch.log_model(
-                cpu_model, serialization_format="pt2", pip_requirements=[torch_requirement], **common
-            )
-            problem = _check_logged(info.model_uri, cpu_model, _probes(example))
-        except Exception as failure:  # torch.export raises many kinds of errors on code it cannot trace
-            problem = f"{type(failure).__name__}: {str(failure).splitlines()[0][:300]}"
-        if problem is None:
-            return info.model_uri, "pt2"
-        log.warning("torch.export cannot log this model for every input shape (%s); logging it pickled", problem)
-        if info is not None:
-            mlflow.MlflowClient().delete_logged_model(info.model_id)
-    import einops
-
-    info = mlflow.pytorch.log_model(
-        cpu_model,
-        serialization_format="pickle",
-        pip_requirements=[torch_requirement, f"einops=={einops.__version__}", f"numpy=={np.__version__}"],
-        **common,
-    )
-    return info.model_uri, "pickle"
+def _timing(waits: list[float], totals: list[float], began: float) -> dict[str, float]:
+    """The share of step time spent waiting for data, and the seconds since `began`. The first step waits for the
+    loader's workers to start: it is left out of the steady-state share."""
+    steady = slice(1, None) if len(totals) > 1 else slice(None)
+    fraction = float(sum(waits[steady]) / sum(totals[steady])) if totals else 0.0
+    return {"data_wait_fraction": fraction, "train_seconds": time.perf_counter() - began}
 
 
 def train(
@@ -345,8 +272,14 @@ class Trainer:
             train_set = FrameDataset(data_root, "train", crop=cfg.crop)
         self.config = hashed_config(model_name, params, train_set.checksum)
         self.digest = config_hash(self.config)
-        self.state = None if restart else resume_state(self.checkpoint_path, self.digest)
+        self.record_path = out_dir / tracking.RUN_INFO_NAME
+        self.previous = self._previous_record()
+        unlogged = self.previous.training_id if self.previous and not self.previous.complete else None
+        self.state = None if restart else resume_state(self.checkpoint_path, self.digest, unlogged)
         self.start = self.state["iteration"] if self.state else 0
+        # Killed after its last checkpoint, before its end-of-training logging completed: only that is left.
+        self.finishing = self.start >= cfg.iterations
+        self.training_id: str = (self.state or {}).get("training_id") or uuid.uuid4().hex
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -390,25 +323,63 @@ class Trainer:
             test_set = ClipDataset(data_root, "test", frames=cfg.val_frames, augment=False)
             self.val_samples = [test_set[i] for i in spread_over_weathers(test_set.clips, cfg.val_clips)]
         self.run_id: str | None = (self.state or {}).get("mlflow_run_id") or None
+        self.experiment_id: str | None = None
         self.val_psnr: float | None = (self.state or {}).get("val_psnr")
         self.last_saved: int | None = self.start if self.state else None
+        # Metric rows not yet in MLflow: sent after each checkpoint, so that a resume, which redoes the steps
+        # after the last checkpoint, never logs a step twice; a checkpoint carries those it was saved with.
+        self.pending: list[dict[str, Any]] = list((self.state or {}).get("metrics_pending", []))
+        if ctx.world_size > 1:
+            dist.barrier()  # every process has read the checkpoint and run.json before process 0 rewrites them
 
     @property
     def tracked(self) -> bool:
         return self.ctx.main and self.params.tracking.enabled
 
     def run(self, project_root: Path) -> TrainSummary:
+        """Train (or resume, or only finish the logging of a finished checkpoint) inside the MLflow run. run.json
+        names the run from the start and is marked complete only after the run has ended: a crash at any point
+        before leaves a checkpoint and a record from which the next run resumes."""
         with contextlib.ExitStack() as stack:
             if self.tracked:
                 self.run_id = stack.enter_context(self._mlflow_run(project_root))
-            summary = self._loop()
+            if self.ctx.main:
+                self._write_record(complete=False)
+            summary = self._finished_summary() if self.finishing else self._loop()
             if self.tracked:
                 self._log_outputs()
-            elif self.ctx.main:
-                tracking.write_run_info(self.out_dir / tracking.RUN_INFO_NAME, tracking.RunInfo(model=self.model_name))
+        if self.ctx.main:
+            self._write_record(complete=True)
         return summary
 
-    def save(self, iteration: int) -> None:
+    def _previous_record(self) -> tracking.RunInfo | None:
+        """The run.json a previous training left here, when there is one that can be read."""
+        if not self.record_path.is_file():
+            return None
+        try:
+            return tracking.read_run_info(self.record_path, finished_only=False)
+        except ModelFileError as error:
+            log.warning("%s; it will be rewritten", error)
+            return None
+
+    def _write_record(self, complete: bool) -> None:
+        run: dict[str, Any] = {}
+        if self.tracked:
+            import mlflow
+
+            run = {
+                "run_id": self.run_id,
+                "experiment_id": self.experiment_id,
+                "experiment": self.params.tracking.experiment,
+                "tracking_uri": mlflow.get_tracking_uri(),
+            }
+        tracking.write_run_info(
+            self.record_path,
+            tracking.RunInfo(model=self.model_name, training_id=self.training_id, complete=complete, **run),
+        )
+
+    def save(self, iteration: int, summary: dict[str, float]) -> None:
+        """Write the checkpoint (with the metric rows not yet in MLflow), then send those rows."""
         save_checkpoint(
             self.checkpoint_path,
             {
@@ -425,10 +396,14 @@ class Trainer:
                 "rng": rng_state(),
                 "sampler": self.sampler.state_dict(iteration),
                 "mlflow_run_id": self.run_id or "",
+                "training_id": self.training_id,
                 "val_psnr": self.val_psnr,
+                "summary": summary,
+                "metrics_pending": self.pending,
             },
         )
         self.last_saved = iteration
+        self._flush()  # only now: a resume starts after this checkpoint and will not redo these steps
 
     def _loop(self) -> TrainSummary:
         cfg, ctx, main = self.cfg, self.ctx, self.ctx.main
@@ -484,19 +459,18 @@ class Trainer:
                         self.val_psnr,
                         baseline,
                     )
+                if done == cfg.iterations:
+                    self._log_metrics(_timing(waits, totals, began), done)
                 if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                    self.save(done)
+                    self.save(done, {"loss": loss, **_timing(waits, totals, began)})
                 tick = time.perf_counter()  # validation and checkpoints are not step time
         finally:
             if main:
                 train_log.close()
                 val_log.close()
 
-        # The first step waits for the loader's workers to start: leave it out of the steady-state fraction.
-        steady = slice(1, None) if len(totals) > 1 else slice(None)
-        wait_fraction = float(sum(waits[steady]) / sum(totals[steady])) if totals else 0.0
-        seconds = time.perf_counter() - began
-        self._log_metrics({"data_wait_fraction": wait_fraction, "train_seconds": seconds}, cfg.iterations)
+        timing = _timing(waits, totals, began)
+        wait_fraction, seconds = timing["data_wait_fraction"], timing["train_seconds"]
         if main:
             log.info(
                 "trained %s for %d iterations in %.0f s; data wait %.1f%% of step time",
@@ -519,6 +493,25 @@ class Trainer:
             main=main,
         )
 
+    def _finished_summary(self) -> TrainSummary:
+        """The figures of the finished training in the checkpoint, whose logging is all that is left to do."""
+        figures = self.state["summary"]
+        if self.ctx.main:
+            log.info("%s finished its %d iterations before: finishing its logging", self.model_name, self.start)
+        return TrainSummary(
+            model=self.model_name,
+            iterations=self.cfg.iterations,
+            start_iteration=self.start,
+            final_loss=figures["loss"],
+            val_psnr=self.val_psnr,
+            val_input_psnr=input_psnr(self.val_samples) if self.ctx.main else None,
+            seconds=figures["train_seconds"],
+            data_wait_fraction=figures["data_wait_fraction"],
+            checkpoint=self.checkpoint_path,
+            run_id=self.run_id,
+            main=self.ctx.main,
+        )
+
     def _non_finite(self, loss: float, iteration: int, lr: float) -> TrainingError:
         kept = (
             f"the last good checkpoint {self.checkpoint_path} (iteration {self.last_saved}) is kept"
@@ -532,22 +525,50 @@ class Trainer:
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.tracked:
-            import mlflow
+            row = {key: float(value) for key, value in metrics.items()}
+            self.pending.append({"step": step, "timestamp": int(time.time() * 1000), "metrics": row})
 
-            mlflow.log_metrics(metrics, step=step)
+    def _flush(self, skip_logged: bool = False) -> None:
+        """Send the pending metric rows to the run; with `skip_logged`, leave out the (metric, step) pairs it
+        has already (the rows a checkpoint carries, which the process that saved it may have sent before dying)."""
+        if not (self.tracked and self.pending):
+            return
+        import mlflow
+        from mlflow.entities import Metric
+
+        client = mlflow.MlflowClient()
+        logged: set[tuple[str, int]] = set()
+        if skip_logged:
+            for key in {key for row in self.pending for key in row["metrics"]}:
+                logged |= {(key, metric.step) for metric in client.get_metric_history(self.run_id, key)}
+        metrics = [
+            Metric(key, value, row["timestamp"], row["step"])
+            for row in self.pending
+            for key, value in row["metrics"].items()
+            if (key, row["step"]) not in logged
+        ]
+        if metrics:
+            client.log_batch(self.run_id, metrics=metrics)
+        self.pending = []
 
     @contextlib.contextmanager
     def _mlflow_run(self, project_root: Path) -> Iterator[str]:
-        """Start (or, on resume, reopen) the training's MLflow run; an exception inside marks it FAILED."""
+        """Start (or, on resume, reopen) the training's MLflow run; an exception inside marks it FAILED. A run
+        that an interrupted training left RUNNING and that this one does not continue is marked KILLED."""
         experiment_id = tracking.prepare(self.params.tracking, project_root)
         import mlflow
 
         if self.run_id and not tracking.run_exists(self.run_id):
             log.warning("MLflow run %s of the checkpoint is not in this store: starting a new run", self.run_id)
             self.run_id = None
-        name = None if self.run_id else self.model_name
+        if self.previous and not self.previous.complete and self.previous.run_id != self.run_id:
+            tracking.end_interrupted_runs([self.previous.run_id])
+        fresh = self.run_id is None
+        name = self.model_name if fresh else None
         with mlflow.start_run(run_id=self.run_id, experiment_id=experiment_id, run_name=name) as run:
-            if self.run_id is None:  # a resumed run has its params already
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+            self._flush(skip_logged=True)  # the rows the checkpoint carries
+            if fresh:  # a resumed run has its params already
                 mlflow.log_params(
                     tracking.flatten(
                         {
@@ -578,27 +599,8 @@ class Trainer:
             yield run.info.run_id
 
     def _log_outputs(self) -> None:
-        """The curves and the final model into the run; the run's address into run.json."""
+        """The curves, complete now, into the run."""
         import mlflow
 
         for name in ("train.csv", "validation.csv"):
             mlflow.log_artifact(str(self.reports_dir / name))
-        started = time.perf_counter()
-        example = _example_input(self.val_samples, self.video, self.cfg.crop)
-        model_uri, model_format = log_model(self.model, example, self.params.tracking.model_format)
-        mlflow.set_tag("model_format", model_format)
-        log.info(
-            "logged the model (%s) to MLflow in %.1f s: %s", model_format, time.perf_counter() - started, model_uri
-        )
-        run = mlflow.active_run()
-        tracking.write_run_info(
-            self.out_dir / tracking.RUN_INFO_NAME,
-            tracking.RunInfo(
-                model=self.model_name,
-                run_id=run.info.run_id,
-                experiment_id=run.info.experiment_id,
-                experiment=self.params.tracking.experiment,
-                tracking_uri=mlflow.get_tracking_uri(),
-                model_uri=model_uri,
-            ),
-        )

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from weather_restore.config import ClipsConfig, SourceConfig
-from weather_restore.data.clips import Clip, write_manifest
+from weather_restore.data.clips import Clip, clip_frames, clip_name, read_manifest, write_clips, write_manifest
+from weather_restore.data.frames import read_frame
+from weather_restore.data.records import VideoRecord
 from weather_restore.data.sources import (
     import_folder_pairs,
     import_hazeworld,
@@ -89,6 +91,14 @@ def rvsd_tree(root: Path, snowy: str = "snowy") -> Path:
     for split, video in (("train", "scene_1"), ("test", "scene_2")):
         write_video(root / split / "clean" / video, [f"{k:05d}.jpg" for k in range(1, 7)])
         write_video(root / split / snowy / video, numbered(6, ".png"))
+    return root
+
+
+def folder_pairs_tree(root: Path) -> Path:
+    write_video(root / "Train" / "t1", [f"{k:05d}.jpg" for k in range(1, 5)])
+    write_video(root / "Train_GT" / "t1", [f"{k:05d}.png" for k in range(1, 5)])
+    write_video(root / "Test" / "a1", [f"{k:05d}.jpg" for k in range(1, 5)])
+    write_video(root / "Test_GT" / "a1", [f"{k:05d}.jpg" for k in range(1, 5)])
     return root
 
 
@@ -258,11 +268,12 @@ def test_mwvd_annotation_file_is_checked_against_the_frames(tmp_path):
     assert len(import_mwvd(root)) == 2
 
 
-def test_mwvd_written_by_this_project_keeps_its_source_videos(tmp_path):
-    root = mwvd_tree(tmp_path / "MWVD", {"train": ["haze_astronaut_0000", "haze_astronaut_0010"]})
+def test_mwvd_written_by_this_project_keeps_its_source_videos_and_weathers(tmp_path):
+    # Names without a weather prefix, as the split stage wrote for video ids that began with the weather's word.
+    root = mwvd_tree(tmp_path / "MWVD", {"train": ["astronaut_0000", "astronaut_0010"]})
     clips = [
         Clip(
-            id=f"haze_astronaut_{start:04d}",
+            id=f"astronaut_{start:04d}",
             weather="haze",
             split="train",
             source="synthetic",
@@ -280,6 +291,28 @@ def test_mwvd_written_by_this_project_keeps_its_source_videos(tmp_path):
 
     assert {r.source_video for r in records} == {"synthetic/astronaut"}
     assert all(r.params == {"beta": 3.0} for r in records)
+    assert [(r.weather, r.split) for r in records] == [("haze", "train")] * 2
+
+
+def test_mwvd_manifest_weather_that_disagrees_with_the_name_or_the_map_is_an_error(tmp_path):
+    root = mwvd_tree(tmp_path / "MWVD", {"train": ["rain_0001", "0002"]})
+    clips = [
+        Clip(id=name, weather="haze", split="train", source="x", source_video=name, video_id=name, start=0, stop=10)
+        for name in ("rain_0001", "0002")
+    ]
+    write_manifest(clips, ClipsConfig(), root)
+    with raises_naming(root / "train" / "input" / "rain_0001") as error:
+        import_mwvd(root)
+    assert "manifest.json says haze, the clip's name says rain" in str(error.value)
+
+    (root / "train" / "input" / "rain_0001").rename(root / "train" / "input" / "0001")
+    (root / "train" / "gt" / "rain_0001").rename(root / "train" / "gt" / "0001")
+    write_manifest([clips[1]], ClipsConfig(), root)
+    weather_map = tmp_path / "weather.txt"
+    weather_map.write_text("0001 snow\n0002 snow\n")
+    with raises_naming(root / "train" / "input" / "0002") as error:
+        import_mwvd(root, weather_map=weather_map)
+    assert f"says haze, {weather_map} says snow" in str(error.value)
 
 
 def test_video_ids_are_path_safe_and_unique(tmp_path):
@@ -436,11 +469,7 @@ def test_rvsd_frame_count_mismatch_is_named(tmp_path):
 
 
 def test_folder_pairs_layout(tmp_path):
-    root = tmp_path / "NTURain"
-    write_video(root / "Train" / "t1", [f"{k:05d}.jpg" for k in range(1, 5)])
-    write_video(root / "Train_GT" / "t1", [f"{k:05d}.png" for k in range(1, 5)])
-    write_video(root / "Test" / "a1", [f"{k:05d}.jpg" for k in range(1, 5)])
-    write_video(root / "Test_GT" / "a1", [f"{k:05d}.jpg" for k in range(1, 5)])
+    root = folder_pairs_tree(tmp_path / "NTURain")
 
     train, test = import_folder_pairs(root, "rain")
 
@@ -482,3 +511,66 @@ def test_import_source_rejects_options_of_another_kind(tmp_path):
     cfg = SourceConfig(kind="hazeworld", root=tmp_path, include_test_in_train=True)
     with pytest.raises(ConfigError, match="include_test_in_train does not apply to hazeworld"):
         import_source(cfg)
+
+
+# --- the round trip: every layout -> split -> MWVD ------------------------------------------------------------
+
+
+def test_clip_name_prefixes_the_weather_unless_the_id_starts_with_it_exactly():
+    def record(video_id: str, weather: str) -> VideoRecord:
+        return VideoRecord(
+            video_id=video_id, weather=weather, source="x", source_video="x", input_frames=[], gt_frames=[]
+        )
+
+    assert clip_name(record("rainsynall100/train/0001", "rain"), 0) == "rain_rainsynall100-train-0001_0000"
+    assert clip_name(record("hazeworld/DAVIS/bear_200_0-01", "haze"), 10) == "haze_hazeworld-DAVIS-bear_200_0-01_0010"
+    assert clip_name(record("snow_0003", "snow"), 0) == "snow_0003_0000"
+    assert clip_name(record("rain_0003", "snow"), 0) == "snow_rain_0003_0000"
+
+
+ROUND_TRIP = ClipsConfig(clip_len=3, train_per_weather=0, test_per_weather=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "build", "options"),
+    [
+        ("mwvd", mwvd_tree, {}),
+        ("rainsynall100", rainsyn_tree, {}),
+        ("hazeworld", hazeworld_tree, {}),
+        ("rvsd", rvsd_tree, {}),
+        ("folders", folder_pairs_tree, {"weather": "rain"}),
+    ],
+)
+def test_every_layout_split_then_imported_as_mwvd_gives_back_the_same_clips(tmp_path, kind, build, options):
+    imported = import_source(SourceConfig(kind=kind, root=build(tmp_path / kind), **options))
+    written = write_clips(imported, ROUND_TRIP, tmp_path / "clips")
+    by_video = {r.video_id: r for r in imported}
+
+    back = {r.video_id: r for r in import_source(SourceConfig(kind="mwvd", root=tmp_path / "clips"))}
+
+    assert sorted(back) == sorted(f"mwvd/{clip.split}/{clip.id}" for clip in written)
+    for clip in written:
+        record = back[f"mwvd/{clip.split}/{clip.id}"]
+        assert (record.weather, record.split, record.source_video) == (clip.weather, clip.split, clip.source_video)
+        assert record.params == clip.params
+        source = by_video[clip.video_id]
+        for frames, originals in (
+            (record.input_frames, source.input_frames),
+            (record.gt_frames, source.gt_frames),
+        ):
+            assert [p.name for p in frames] == [p.name for p in clip_frames(tmp_path / "clips", clip, "input")]
+            for frame, original in zip(frames, originals[clip.start : clip.stop], strict=True):
+                np.testing.assert_array_equal(read_frame(frame), read_frame(original))
+    splits = {clip.split for clip in written}
+    assert {"train", "test"} <= splits
+    for split in splits:
+        for other in splits - {split}:
+            ours = {r.source_video for r in back.values() if r.split == split}
+            assert not ours & {r.source_video for r in back.values() if r.split == other}
+
+    # Split again: the same frames, weathers, splits and source videos, clip for clip.
+    again = write_clips(list(back.values()), ROUND_TRIP, tmp_path / "clips-again")
+    assert sorted((c.split, c.weather, c.source_video, c.checksum) for c in again) == sorted(
+        (c.split, c.weather, c.source_video, c.checksum) for c in written
+    )
+    assert read_manifest(tmp_path / "clips-again")[1] == again

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,14 @@ from weather_restore.config import DataConfig, SyntheticConfig
 from weather_restore.data.frames import write_frame
 from weather_restore.data.records import WEATHERS, VideoRecord
 from weather_restore.errors import DataError
+from weather_restore.outputs import atomic_path, check_output_folder, write_marker
 from weather_restore.progress import progress
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+# A videos folder older than the output marker is recognised by its index.
+INDEX_KEYS = frozenset({"version", "videos"})
 
 
 @dataclass(frozen=True)
@@ -165,16 +167,19 @@ def read_index(videos_root: Path) -> list[VideoRecord]:
     return records
 
 
-def assemble(cfg: DataConfig, out_root: Path) -> list[VideoRecord]:
-    """Run the stage: build every source video into a temporary sibling, then move it into place."""
+def assemble(cfg: DataConfig, out_root: Path, force: bool = False) -> list[VideoRecord]:
+    """Run the stage: build every source video into a temporary sibling, then move it into place.
+
+    `out_root` may replace only a videos folder an earlier run wrote (or, with `force`, any folder), never
+    the imported datasets' folders or the current folder."""
     from weather_restore.data.sources import import_source
 
-    out_root = Path(out_root)
-    out_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_root.with_name(f".{out_root.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    out_root = check_output_folder(
+        out_root, "assemble", [source.root for source in cfg.sources], force, (INDEX_NAME, INDEX_KEYS)
+    )
+    with atomic_path(out_root) as tmp:
+        tmp.mkdir()
+        write_marker(tmp, "assemble")
         if cfg.sources:
             records = [record for source in cfg.sources for record in import_source(source)]
         else:
@@ -184,11 +189,6 @@ def assemble(cfg: DataConfig, out_root: Path) -> list[VideoRecord]:
         if duplicates:
             raise DataError(f"params.yaml data.sources: video ids occur twice: {duplicates[:5]}")
         write_index(records, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_root, ignore_errors=True)
-    os.replace(tmp, out_root)
     counts = {w: sum(r.weather == w for r in records) for w in WEATHERS}
     log.info("assembled %d videos into %s (%s)", len(records), out_root, counts)
     return read_index(out_root)

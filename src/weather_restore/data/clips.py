@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -18,18 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from weather_restore.config import ClipsConfig
 from weather_restore.data.frames import read_frame, write_frame
 from weather_restore.data.records import WEATHERS, Split, VideoRecord, Weather
 from weather_restore.errors import ClipError
+from weather_restore.outputs import atomic_path, check_output_folder, write_marker
 from weather_restore.progress import progress
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[Split, ...] = ("train", "test")
 MANIFEST_NAME = "manifest.json"
+# An MWVD folder older than the output marker is recognised by its manifest.
+MANIFEST_KEYS = frozenset({"version", "clip_len", "checksum", "clips"})
 
 
 class Clip(BaseModel):
@@ -57,7 +59,7 @@ def clip_windows(n_frames: int, clip_len: int) -> list[tuple[int, int]]:
 def clip_name(record: VideoRecord, start: int) -> str:
     """`<weather>_<video>_<start>`: the weather prefix lets tools built for MWVD read the weather back."""
     video = record.video_id.replace("/", "-")
-    prefix = "" if video.startswith(f"{record.weather}") else f"{record.weather}_"
+    prefix = "" if video.startswith(f"{record.weather}_") else f"{record.weather}_"
     return f"{prefix}{video}_{start:04d}"
 
 
@@ -182,17 +184,28 @@ def _write_clip(args: tuple[Clip, VideoRecord, Path]) -> str:
     return digest.hexdigest()
 
 
-def write_clips(records: list[VideoRecord], cfg: ClipsConfig, out_root: Path, workers: int = 1) -> list[Clip]:
-    """Run the stage: assign, select, write into a temporary sibling, then move into place."""
+def write_clips(
+    records: list[VideoRecord],
+    cfg: ClipsConfig,
+    out_root: Path,
+    workers: int = 1,
+    force: bool = False,
+    inputs: tuple[Path, ...] = (),
+) -> list[Clip]:
+    """Run the stage: assign, select, write into a temporary sibling, then move into place.
+
+    `out_root` may replace only an MWVD folder an earlier run wrote (or, with `force`, any folder), never a
+    folder holding `inputs` (the videos folder), the source frames or the current folder."""
+    frame_folders = {frame.parent for record in records for frame in (*record.input_frames, *record.gt_frames)}
+    out_root = check_output_folder(
+        out_root, "split", [*inputs, *sorted(frame_folders)], force, (MANIFEST_NAME, MANIFEST_KEYS)
+    )
     assignment = assign_splits(records, cfg)
     clips = select_clips(records, assignment, cfg)
     by_id = {r.video_id: r for r in records}
-    out_root = Path(out_root)
-    out_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_root.with_name(f".{out_root.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(out_root) as tmp:
+        tmp.mkdir()
+        write_marker(tmp, "split")
         args = [(clip, by_id[clip.video_id], tmp) for clip in clips]
         if workers <= 1:
             checksums = list(
@@ -204,11 +217,6 @@ def write_clips(records: list[VideoRecord], cfg: ClipsConfig, out_root: Path, wo
                 checksums = list(progress(results, total=len(args), desc="writing clips", unit="clip"))
         clips = [c.model_copy(update={"checksum": s}) for c, s in zip(clips, checksums, strict=True)]
         write_manifest(clips, cfg, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_root, ignore_errors=True)
-    os.replace(tmp, out_root)
     summary = {s: {w: sum(c.split == s and c.weather == w for c in clips) for w in WEATHERS} for s in SPLITS}
     log.info("wrote %d clips to %s: %s", len(clips), out_root, summary)
     return clips
@@ -240,8 +248,21 @@ def read_manifest(root: Path) -> tuple[str, list[Clip]]:
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise ClipError(f"{path}: no manifest; run the split stage first (weather-restore split)")
-    data = json.loads(path.read_text())
-    return data["checksum"], [Clip.model_validate(row) for row in data["clips"]]
+    rerun = "rerun `weather-restore split`"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ClipError(f"{path}: not valid JSON (line {error.lineno}): {rerun}") from None
+    except UnicodeDecodeError:
+        raise ClipError(f"{path}: not valid JSON (not UTF-8 text): {rerun}") from None
+    try:
+        return data["checksum"], [Clip.model_validate(row) for row in data["clips"]]
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ClipError(f"{path}: a clip's '{where}' is not allowed ({first['msg']}): {rerun}") from None
+    except (KeyError, TypeError) as error:
+        raise ClipError(f"{path}: not a manifest of `weather-restore split` (no {error}): {rerun}") from None
 
 
 def clip_frames(root: Path, clip: Clip, kind: str) -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from weather_restore.errors import DataError
+from weather_restore.outputs import atomic_path
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -58,12 +58,11 @@ def to_uint8(frame: np.ndarray) -> np.ndarray:
 
 
 def write_frame(path: Path, frame: np.ndarray) -> None:
-    """Write a float [0, 1] or uint8 RGB frame as PNG, atomically (temporary sibling, then rename)."""
+    """Write a float [0, 1] or uint8 RGB frame as PNG, atomically (temporary sibling, then rename). The stages
+    write frames inside an output folder that is itself a partial, so no sweep for dead writers per frame."""
     data = frame if frame.dtype == np.uint8 else to_uint8(frame)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(data).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, sweep=False) as temporary:
+        Image.fromarray(data).save(temporary, format="PNG")
 
 
 def check_same_sizes(paths: Iterable[Path]) -> tuple[int, int]:

@@ -26,6 +26,7 @@ import logging
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import get_args
 
 from weather_restore.config import SourceConfig
 from weather_restore.data.clips import MANIFEST_NAME, Clip, read_manifest
@@ -36,7 +37,8 @@ from weather_restore.progress import progress
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[Split, ...] = ("train", "test")
+SPLITS: tuple[Split, ...] = get_args(Split)
+"""Every split a record may carry; an MWVD tree may hold a folder for each (a validation split is optional)."""
 RAINSYN_INPUTS: dict[str, Weather] = {"Rain_Haze": "rain", "Rain": "rain", "Haze": "haze"}
 RAINSYN_TEST_IDS = range(900, 1000)
 """RainSynAll100's test ids (0900-0999); some copies of the train folder hold them too."""
@@ -89,14 +91,17 @@ def import_mwvd(
 ) -> list[VideoRecord]:
     """The published MWVD layout `<root>/{train,test}/{input,gt}/<clip>/<frame>`; ground truth at the same names.
 
-    A clip is a folder of frames under `input/`; its key is its path below `input/` (it may contain '/').
-    Weather: a `haze_`/`rain_`/`snow_` prefix of the clip's name (or of a folder above it), else the clip's line
-    in `weather_map` (`<clip> <weather>` or `<split>/<clip> <weather>`), else `weather`; a DataError otherwise.
+    A clip is a folder of frames under `input/`; its key is its path below `input/` (it may contain '/'). The
+    split is the folder it lies in (`val/` too, when the tree has one).
+    Weather: the clip's entry in `manifest.json` when this project's split stage wrote the tree, else a
+    `haze_`/`rain_`/`snow_` prefix of the clip's name (or of a folder above it), else the clip's line in
+    `weather_map` (`<clip> <weather>` or `<split>/<clip> <weather>`), else `weather`; a DataError otherwise,
+    and when two of the first three disagree.
 
     source_video: the published dataset does not say which clips come from one video, so each clip is its own
     source and the dataset's own train/test split (kept by the clip stage) is the guard against overlap. A tree
     written by this project's split stage carries `manifest.json`; then each clip gets its real source video and
-    weather parameters from it. The annotation files `<root>/meta_info_{train,test}.txt` (`<clip> <frames>`
+    weather parameters from it. The annotation files `<root>/meta_info_{split}.txt` (`<clip> <frames>`
     lines), when present, are checked against the frame counts on disk.
     """
     root = _dataset_root(root)
@@ -106,7 +111,7 @@ def import_mwvd(
 
     found: list[tuple[Split, str, Path, Path]] = []
     counts = {split: _read_counts(root / f"meta_info_{split}.txt") for split in SPLITS}
-    for split, split_dir in _split_folders(root, {"train": "train", "test": "test"}):
+    for split, split_dir in _split_folders(root, {split: split for split in SPLITS}):
         input_top = _folder(split_dir / "input", "input")
         gt_top = _folder(split_dir / "gt", "ground-truth")
         keys = [clip_dir.relative_to(input_top).as_posix() for clip_dir in _clip_folders(input_top)]
@@ -121,10 +126,12 @@ def import_mwvd(
             raise ClipError(f"{input_dir} has {len(inputs)} frames, but {line} says {listed}")
         video_id = _safe_id("mwvd", split, key)
         clip = own.get((split, key))
+        if own and clip is None:
+            log.warning("%s: not in %s; its weather and source video come from its name", input_dir, MANIFEST_NAME)
         records.append(
             VideoRecord(
                 video_id=video_id,
-                weather=_mwvd_weather(split, key, input_dir, mapping, map_path, weather),
+                weather=_mwvd_weather(split, key, input_dir, mapping, map_path, weather, clip, root),
                 source="mwvd",
                 source_video=clip.source_video if clip else video_id,
                 split=split,
@@ -143,12 +150,23 @@ def _mwvd_weather(
     mapping: dict[str, Weather],
     map_path: Path | None,
     default: Weather | None,
+    clip: Clip | None,
+    root: Path,
 ) -> Weather:
     named = next((m.group(1).lower() for part in reversed(key.split("/")) if (m := _WEATHER_PREFIX.match(part))), None)
     mapped = mapping.get(f"{split}/{key}", mapping.get(key))
-    if named and mapped and named != mapped:
-        raise DataError(f"{clip_dir}: the clip's name says {named}, but {map_path} says {mapped}")
-    weather = named or mapped or default
+    said = [
+        (what, weather)
+        for what, weather in (
+            (str(root / MANIFEST_NAME), clip.weather if clip else None),
+            ("the clip's name", named),
+            (str(map_path), mapped),
+        )
+        if weather is not None
+    ]
+    if len({weather for _, weather in said}) > 1:
+        raise DataError(f"{clip_dir}: weather disagrees: " + ", ".join(f"{what} says {w}" for what, w in said))
+    weather = said[0][1] if said else default
     if weather is None:
         source = (
             f"{map_path} has no line for '{key}'"
@@ -498,7 +516,7 @@ def _split_folders(root: Path, names: dict[Split, str]) -> list[tuple[Split, Pat
     if not found:
         raise DataError(f"{root}: none of the split folders {', '.join(names.values())} found")
     for split, name in names.items():
-        if not (root / name).is_dir():
+        if split in ("train", "test") and not (root / name).is_dir():
             log.warning("%s: no %s folder; importing without a %s split", root, name, split)
     return found
 
@@ -506,8 +524,6 @@ def _split_folders(root: Path, names: dict[Split, str]) -> list[tuple[Split, Pat
 def _subfolders(folder: Path) -> list[Path]:
     folders = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(folders, key=lambda p: natural_key(p.name))
-
-
 
 
 def _paired_frames(input_dir: Path, gt_dir: Path, same_names: bool = False) -> tuple[list[Path], list[Path]]:
@@ -593,7 +609,8 @@ def _finish(source: str, root: Path, records: list[VideoRecord]) -> list[VideoRe
             splits[record.source_video].add(record.split)
     if mixed := [source_video for source_video, given in splits.items() if len(given) > 1]:
         folders = [str(r.input_frames[0].parent) for r in records if r.source_video == mixed[0]]
-        raise DataError(f"source video {mixed[0]} is in both train and test: {', '.join(folders)}")
+        given = " and ".join(split for split in SPLITS if split in splits[mixed[0]])
+        raise DataError(f"source video {mixed[0]} is in both {given}: {', '.join(folders)}")
 
     counts = Counter((r.split or "unsplit", r.weather) for r in records)
     summary = ", ".join(f"{split} {weather} {n}" for (split, weather), n in sorted(counts.items()))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from weather_restore.errors import ConfigError
+
+if TYPE_CHECKING:  # torch loads in seconds: the CLI reads MODEL_NAMES without it
+    from torch import nn
 
 MODEL_NAMES = ("dynstaticnet", "dwgn")
 

@@ -42,7 +42,7 @@ def test_out_of_range_value_is_refused():
 
 
 def test_reversed_range_is_refused():
-    with pytest.raises(ConfigError, match=r"data\.synthetic\.haze\.beta.*low > high"):
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.haze\.beta.*low 4\.0 is above high 2\.0"):
         parse_params({"data": {"synthetic": {"haze": {"beta": [4.0, 2.0]}}}})
 
 

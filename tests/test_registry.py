@@ -449,8 +449,10 @@ def test_the_cli_registers_promotes_refuses_and_rolls_back_and_the_champion_load
     err = capsys.readouterr().err
     assert err.startswith(f"weather-restore promote: refused to promote {name} version 2 over champion version 1: ")
     assert [line.split()[0] for line in err.splitlines()[2:]] == ["overall", "haze", "rain", "snow", "test"]
-    assert main(["promote", "--model", model, "--force"]) == 2
-    assert "needs a reason" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # the parser refuses --force without --reason
+        main(["promote", "--model", model, "--force"])
+    assert refused.value.code == 2
+    assert "--force needs --reason" in capsys.readouterr().err
     assert main(["promote", "--model", model, "--force", "--reason", "testing the CLI"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"promoted {name} version 2 to champion by force, over the gate; version 1 is now previous"

@@ -252,7 +252,8 @@ def log_export(run_json: Path, report: dict[str, Any], onnx_path: Path, report_p
     video = is_video_model(report["model"])
     spec = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 3, -1, -1) if video else (-1, 3, -1, -1))])
     mlflow.set_tracking_uri(info.tracking_uri)
-    mlflow.set_experiment(experiment_id=info.experiment_id)  # with no active run, the model's experiment
+    experiment_id = info.experiment_id or mlflow.MlflowClient().get_run(info.run_id).info.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)  # with no active run, the model's experiment
     logged = mlflow.onnx.log_model(
         onnx.load(str(onnx_path)),
         name="onnx",

@@ -317,3 +317,16 @@ def test_output_checks_resolve_links_before_comparing(tmp_path):
     with pytest.raises(OutputError, match="holds the input"):
         restore(raw, tmp_path / "alias", identity(), force=True)
     assert sorted(p.name for p in raw.iterdir()) == ["0.png", "1.png"]
+
+
+def test_a_file_output_never_replaces_a_folder_of_the_same_name(tmp_path):
+    from weather_restore.errors import OutputError
+    from weather_restore.outputs import atomic_write_text
+
+    folder = tmp_path / "checkpoint.pt"
+    folder.mkdir()
+    (folder / "user.txt").write_text("keep")
+    with pytest.raises(OutputError, match="is a folder: refusing to replace it with a file"):
+        atomic_write_text(folder, "new")
+    assert (folder / "user.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

@@ -98,6 +98,9 @@ def atomic_path(final: Path, fsync: bool = False, sweep: bool = True) -> Iterato
         remove(temporary)
         raise
     if final.is_dir() and not final.is_symlink():  # os.replace cannot replace a non-empty folder
+        if not temporary.is_dir():  # a file never replaces a folder; folder writers ask check_output_folder first
+            remove(temporary)
+            raise OutputError(f"{final} is a folder: refusing to replace it with a file; choose another path")
         old = final.with_name(f".{final.stem}{REPLACED}{os.getpid()}{final.suffix}")
         os.replace(final, old)
         os.replace(temporary, final)

@@ -261,8 +261,20 @@ class TrainConfig(Section):
     log_every: Int = Field(1, ge=1, description="iterations between loss/lr rows (train.csv, MLflow)")
     checkpoint_every: Int = Field(50, ge=1)
     validate_every: Int = Field(100, ge=1)
-    val_clips: Int = Field(3, ge=1, description="test clips (spread over the weathers) in the validation PSNR")
+    val_clips: Int = Field(3, ge=1, description="validation clips (spread over the weathers) in the validation PSNR")
     val_frames: Int = Field(5, ge=1, description="frames of each validation clip, full size")
+    ema_decay: Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="exponential moving average of the weights (0 = off); validated, kept as best.pt and "
+        "exported in place of the raw weights when on",
+    )
+    use: Literal["last", "best"] = Field(
+        "best",
+        description="the weights evaluate, export and register use: best.pt (highest validation PSNR) or the "
+        "last checkpoint",
+    )
     compile: bool = Field(False, description="torch.compile the model (needs a C++ compiler on CPU)")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto", description="autocast precision; auto = bf16 on GPUs that support it, else fp16; off on CPU"

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from weather_restore.metrics import count_flops
-from weather_restore.models import MODEL_NAMES, build_model, model_input_shape
+from weather_restore.models import build_model
+from weather_restore.models.facts import MODEL_NAMES, model_facts
 
 FRAMES = 10
 SIZES = (64, 128)
@@ -111,12 +112,12 @@ def bench_model(name: str) -> list[dict[str, object]]:
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for size in SIZES:
-        inputs = torch.rand(model_input_shape(name, 1, FRAMES, size, size))
+        inputs = torch.rand(model_facts(name).input_shape(1, FRAMES, size, size))
         flops = count_on_meta(name, tuple(inputs.shape))
         forward = forward_seconds(model, inputs)
         # batch 1 as published: one clip for DynStaticNet, one frame for DwGN
-        single = inputs if name == "dynstaticnet" else inputs[:1]
-        single_forward = forward if name == "dynstaticnet" else forward_seconds(model, single)
+        single = inputs if model_facts(name).video else inputs[:1]
+        single_forward = forward if model_facts(name).video else forward_seconds(model, single)
         need = STEP_MEMORY_GB.get((name, size), 0.0)
         step = step_seconds(model, single) if free_memory_gb() > need else None
         if step is None:

@@ -43,7 +43,8 @@ import torch
 
 from weather_restore.checkpoint import save_checkpoint
 from weather_restore.inference import TILE, TILE_OVERLAP, WINDOW, WINDOW_STRIDE, LoadedModel, load_restorer, tile_starts
-from weather_restore.models import MODEL_NAMES, build_model, model_input_shape
+from weather_restore.models import build_model
+from weather_restore.models.facts import MODEL_NAMES, model_facts
 from weather_restore.restore import restore
 
 OUTPUT = Path("reports/bench/restore.json")
@@ -55,14 +56,14 @@ TIMED_TILES = 2  # real forwards at 1080p besides the warm-up one
 
 def clip_frames(model: str, height: int) -> int:
     """Frames per run: DynStaticNet needs two windows before its first frame is out (three at 256 for a median)."""
-    if model == "dynstaticnet":
+    if model_facts(model).video:
         return 10 if height <= TILE else WINDOW_STRIDE
     return 4 if height <= TILE else 2
 
 
 def forwards_per_frame(model: str, height: int, width: int) -> float:
     tiles = len(tile_starts(height, TILE, TILE_OVERLAP)) * len(tile_starts(width, TILE, TILE_OVERLAP))
-    return tiles / WINDOW_STRIDE if model == "dynstaticnet" else tiles
+    return tiles / WINDOW_STRIDE if model_facts(model).video else tiles
 
 
 def onnx_file(model: str) -> Path:
@@ -72,9 +73,7 @@ def onnx_file(model: str) -> Path:
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         module = build_model(model).eval()
-        example = torch.rand(
-            model_input_shape(model, 1, WINDOW, TILE, TILE) if model == "dynstaticnet" else (1, 3, TILE, TILE)
-        )
+        example = torch.rand(model_facts(model).input_shape(1, WINDOW if model_facts(model).video else 1, TILE, TILE))
         print(f"exporting {model} to ONNX at {tuple(example.shape)} ...", flush=True)
         started = time.perf_counter()
         partial = path.with_name(f".{path.name}.partial")

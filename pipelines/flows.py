@@ -27,9 +27,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from weather_restore.registry import REGISTERED_NAMES
+from weather_restore.models.facts import MODEL_NAMES, MODELS
 
-MODELS = ("dynstaticnet", "dwgn")
 QUIET_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "DVC_STUDIO_OFFLINE": "1",
@@ -202,7 +201,7 @@ def registry_state(repo: Path, model: str) -> str:
     run = _read_json(repo / "models" / model / "run.json") or {}
     if not run.get("run_id"):
         return "no MLflow run"
-    name = REGISTERED_NAMES[model]
+    name = MODELS[model].registered_name
     client = MlflowClient(run["tracking_uri"])
     ours = client.search_model_versions(f"name = '{name}' and run_id = '{run['run_id']}'")
     newest = max((int(version.version) for version in ours), default=None)
@@ -248,10 +247,10 @@ def weather_pipeline(
 
     A retried training resumes from its last checkpoint (the train stage does that for the same config).
     """
-    models = list(models or MODELS)
-    unknown = sorted(set(models) - set(MODELS))
+    models = list(models or MODEL_NAMES)
+    unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_NAMES)}")
     root = str(Path(repo).resolve())
     if params:
         set_params(params, root)
@@ -266,7 +265,7 @@ def weather_pipeline(
     if "compare" in defined:
         # `dvc repro compare` would train and evaluate the models left out of this run: compare only the
         # metrics those already have, or skip the table until they have some.
-        others = [model for model in MODELS if model not in models]
+        others = [model for model in MODEL_NAMES if model not in models]
         missing = [model for model in others if not (Path(root) / "reports" / model / "metrics.json").is_file()]
         if missing:
             get_run_logger().info("compare skipped: no reports/<model>/metrics.json yet for %s", missing)
@@ -294,14 +293,14 @@ def evaluate_champions(
     models: list[str] | None = None, repo: str = ".", stage_timeout_s: float = 3600
 ) -> dict[str, Any]:
     """Evaluate each model's `champion` registry version on the current test split and report."""
-    models = list(models or MODELS)
+    models = list(models or MODEL_NAMES)
     root = str(Path(repo).resolve())
     repro("split", root, stage_timeout_s)
     rows = ["| model | version | PSNR | SSIM | input PSNR |", "|---|---|---|---|---|"]
     results = {}
     for model in models:
         out = Path(root) / "reports" / "champion" / model
-        uri = f"models:/{REGISTERED_NAMES[model]}@champion"
+        uri = f"models:/{MODELS[model].registered_name}@champion"
         cli(["evaluate", "--model", model, "--model-uri", uri, "--out", str(out)], root, timeout_s=stage_timeout_s)
         metrics = json.loads((out / "metrics.json").read_text())
         overall = metrics["overall"]
@@ -315,7 +314,7 @@ def evaluate_champions(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the weather-restore pipeline flow (Prefect).")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (YAML)")
     parser.add_argument("--promote", action="store_true", help="register and promote behind the gate")
     parser.add_argument("--repo", default=".")

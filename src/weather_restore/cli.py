@@ -17,7 +17,7 @@ from pathlib import Path
 from weather_restore import __version__
 from weather_restore.config import DEFAULT_PARAMS, Params, load_params
 from weather_restore.errors import PromotionRefused, WeatherRestoreError
-from weather_restore.models import MODEL_NAMES
+from weather_restore.models.facts import MODEL_NAMES
 
 log = logging.getLogger("weather_restore")
 

@@ -22,8 +22,9 @@ from torch import nn
 from weather_restore.data.clips import Clip, load_clip, read_manifest
 from weather_restore.data.frames import to_uint8
 from weather_restore.data.records import WEATHERS
-from weather_restore.inference import is_video_model, restore_clip
+from weather_restore.inference import restore_clip
 from weather_restore.metrics import LPIPSMetric, count_flops, psnr, ssim
+from weather_restore.models.facts import model_facts
 from weather_restore.progress import progress
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def evaluate_clip(
 
 def model_cost(model: nn.Module, model_name: str, frames: int, size: tuple[int, int]) -> float:
     """GFLOPs of restoring `frames` frames of `size` (the video model in one clip, the image model per frame)."""
-    shape = (1, frames, 3, *size) if is_video_model(model_name) else (frames, 3, *size)
+    shape = model_facts(model_name).input_shape(1, frames, *size)
     # On the meta device: shapes only, no memory. Counted with autograd on (see count_flops), a real forward of
     # DwGN over 10 frames of 128 x 128 held 24 GB of activations and was killed.
     ghost = copy.deepcopy(model).to("meta")

@@ -25,8 +25,8 @@ from torch import nn
 from weather_restore.config import ExportConfig
 from weather_restore.data.clips import load_clip, read_manifest
 from weather_restore.errors import DataError, ExportError, ModelFileError
-from weather_restore.inference import is_video_model
 from weather_restore.metrics import psnr
+from weather_restore.models.facts import model_facts
 from weather_restore.outputs import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ INPUT_NAME, OUTPUT_NAME = "degraded", "restored"
 def model_input(model_name: str, clip: np.ndarray) -> np.ndarray:
     """A clip `(T, H, W, 3)` in [0, 1] -> the model's layout: `(1, T, 3, H, W)` or the frames `(T, 3, H, W)`."""
     frames = np.ascontiguousarray(clip.transpose(0, 3, 1, 2), dtype=np.float32)  # (T, 3, H, W)
-    return frames[None] if is_video_model(model_name) else frames
+    return frames[None] if model_facts(model_name).video else frames
 
 
 def export_onnx(model: nn.Module, model_name: str, example: np.ndarray, path: Path, cfg: ExportConfig) -> float:
@@ -59,9 +59,9 @@ def export_onnx(model: nn.Module, model_name: str, example: np.ndarray, path: Pa
 def _export(
     model: nn.Module, model_name: str, example: np.ndarray, path: Path, cfg: ExportConfig, exporter: str
 ) -> float:
-    video = is_video_model(model_name)
+    facts = model_facts(model_name)
     # Batch 2: a batch of 1 gets specialised by both exporters' shape analysis.
-    sample = torch.from_numpy(np.concatenate([example, example[:, ::-1]]) if video else example[:2].copy())
+    sample = torch.from_numpy(np.concatenate([example, example[:, ::-1]]) if facts.video else example[:2].copy())
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarning / deprecation notes, one per traced size expression
@@ -69,7 +69,7 @@ def _export(
             # onnxscript's optimiser logs one INFO line per node it leaves alone: tens of thousands here.
             logging.getLogger("onnxscript").setLevel(logging.WARNING)
             dynamic = torch.export.Dim.DYNAMIC
-            axes = {0: dynamic, 1: dynamic, 3: dynamic, 4: dynamic} if video else {0: dynamic, 2: dynamic, 3: dynamic}
+            axes = dict.fromkeys(facts.dynamic_axes, dynamic)
             program = torch.onnx.export(
                 model,
                 (sample,),
@@ -82,8 +82,6 @@ def _export(
             )
             program.save(str(path), external_data=False)
         else:
-            names = ("batch", "frames", "height", "width") if video else ("batch", "height", "width")
-            dims = (0, 1, 3, 4) if video else (0, 2, 3)
             torch.onnx.export(
                 model,
                 (sample,),
@@ -92,7 +90,7 @@ def _export(
                 opset_version=cfg.opset,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={name: dict(zip(dims, names, strict=True)) for name in (INPUT_NAME, OUTPUT_NAME)},
+                dynamic_axes=dict.fromkeys((INPUT_NAME, OUTPUT_NAME), facts.dynamic_axes),
             )
     return time.perf_counter() - started
 
@@ -249,8 +247,7 @@ def log_export(run_json: Path, report: dict[str, Any], onnx_path: Path, report_p
     info = read_run_info(run_json)
     if info.run_id is None:
         raise ModelFileError(f"{run_json}: the training was not tracked (tracking.enabled: false)")
-    video = is_video_model(report["model"])
-    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 3, -1, -1) if video else (-1, 3, -1, -1))])
+    spec = Schema([TensorSpec(np.dtype(np.float32), model_facts(report["model"]).dynamic_shape)])
     mlflow.set_tracking_uri(info.tracking_uri)
     experiment_id = info.experiment_id or mlflow.MlflowClient().get_run(info.run_id).info.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)  # with no active run, the model's experiment

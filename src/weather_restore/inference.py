@@ -19,14 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from weather_restore.errors import ConfigError, ModelFileError
-from weather_restore.models import MODEL_NAMES
-
-VIDEO_MODELS = {"dynstaticnet"}
-
-
-def is_video_model(model_name: str) -> bool:
-    """DynStaticNet takes clips [B, T, 3, H, W]; DwGN takes frames [B, 3, H, W]."""
-    return model_name.lower() in VIDEO_MODELS
+from weather_restore.models.facts import MODEL_NAMES, MODELS, by_rank, model_facts
 
 
 @torch.no_grad()
@@ -37,7 +30,7 @@ def restore_clip(model: nn.Module, model_name: str, degraded: torch.Tensor, fram
     """
     if degraded.ndim != 4 or degraded.shape[1] != 3:
         raise ValueError(f"expected a clip (T, 3, H, W), got {tuple(degraded.shape)}")
-    if is_video_model(model_name):
+    if model_facts(model_name).video:
         restored = model(degraded.unsqueeze(0)).squeeze(0)
     else:
         restored = torch.cat([model(chunk) for chunk in degraded.split(frames_per_batch)])
@@ -69,7 +62,7 @@ class LoadedModel:
 
     @property
     def video(self) -> bool:
-        return is_video_model(self.name)
+        return model_facts(self.name).video
 
 
 def temporal_weights(window: int = WINDOW, stride: int = WINDOW_STRIDE) -> np.ndarray:
@@ -221,9 +214,6 @@ def _restore_windows(
 
 # --- Loading any model kind ------------------------------------------------------------------------------------
 
-DISPLAY_NAMES = {"dynstaticnet": "DynStaticNet", "dwgn": "DwGN"}
-ONNX_RANKS = {5: "dynstaticnet", 4: "dwgn"}  # clips [B, T, 3, H, W], frames [B, 3, H, W]
-
 
 def check_device(device: str) -> None:
     """cpu, cuda or cuda:N, and CUDA present when asked for: said before any model file is read."""
@@ -278,7 +268,7 @@ def load_restorer(
 def _check_name(source: object, found: str, expected: str | None) -> None:
     if expected is not None and found != expected:
         raise ModelFileError(
-            f"{source}: holds a {DISPLAY_NAMES[found]} model, not {DISPLAY_NAMES[expected]} "
+            f"{source}: holds a {model_facts(found).display_name} model, not {model_facts(expected).display_name} "
             f"(use --model {found}, or a {expected} model file)"
         )
 
@@ -304,7 +294,8 @@ def _load_checkpoint(path: Path, expected: str | None, device: str) -> LoadedMod
         module = build_model(name, **state["model_config"])
         module.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as error:
-        raise ModelFileError(f"{path}: its weights do not fit a {DISPLAY_NAMES[name]} model ({error})") from None
+        display = model_facts(name).display_name
+        raise ModelFileError(f"{path}: its weights do not fit a {display} model ({error})") from None
     module = module.to(device).eval()
 
     @torch.inference_mode()
@@ -337,12 +328,10 @@ def _load_onnx(
     except Exception as error:  # onnxruntime raises its own classes for protobuf, graph and type errors
         raise ModelFileError(f"{source}: not a loadable ONNX model ({error})") from None
     (first, *_) = session.get_inputs()
-    by_rank = ONNX_RANKS.get(len(first.shape))
-    if by_rank is None:
-        raise ModelFileError(
-            f"{source}: takes a {len(first.shape)}-D input {first.shape}, neither clips [B, T, 3, H, W] "
-            "(DynStaticNet) nor frames [B, 3, H, W] (DwGN)"
-        )
+    facts = by_rank(len(first.shape))
+    if facts is None:
+        layouts = " nor ".join(f"{known.shape_text} ({known.display_name})" for known in MODELS.values())
+        raise ModelFileError(f"{source}: takes a {len(first.shape)}-D input {first.shape}, neither {layouts}")
     metadata = session.get_modelmeta().custom_metadata_map
     declared = metadata.get("model_name", "").lower()
     if declared not in MODEL_NAMES or not metadata.get("exporter"):
@@ -350,9 +339,9 @@ def _load_onnx(
             f"{source}: not an ONNX model of weather-restore (no model_name and exporter in its metadata, which "
             "`weather-restore export` writes); export the checkpoint with `weather-restore export --model NAME`"
         )
-    if declared != by_rank:
-        raise ModelFileError(f"{source}: metadata says {declared}, but its input {first.shape} is {by_rank}'s")
-    _check_name(source, by_rank, expected)
+    if declared != facts.name:
+        raise ModelFileError(f"{source}: metadata says {declared}, but its input {first.shape} is {facts.name}'s")
+    _check_name(source, facts.name, expected)
 
     def forward(x: np.ndarray) -> np.ndarray:
         try:
@@ -360,7 +349,7 @@ def _load_onnx(
         except Exception as error:  # e.g. a graph exported with a size baked in, given another size
             raise ModelFileError(f"{source}: ONNX Runtime failed on an input of shape {x.shape} ({error})") from None
 
-    return LoadedModel(by_rank, "onnxruntime", forward, source)
+    return LoadedModel(facts.name, "onnxruntime", forward, source)
 
 
 def load_registered(
@@ -380,8 +369,8 @@ def load_registered(
         loaded = _load_onnx(path, expected or located.model, device, threads, source=located.label)
     if located.model is not None and loaded.name != located.model:
         raise ModelFileError(
-            f"{located.label}: registered as {DISPLAY_NAMES[located.model]} but holds a {DISPLAY_NAMES[loaded.name]} "
-            "model; register it under its own name"
+            f"{located.label}: registered as {model_facts(located.model).registered_name} but holds a "
+            f"{model_facts(loaded.name).display_name} model; register it under its own name"
         )
     return loaded
 

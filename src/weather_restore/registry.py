@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from weather_restore.data.records import WEATHERS
 from weather_restore.errors import PromotionRefused, RegistryError
+from weather_restore.models.facts import MODELS, by_registered_name
 from weather_restore.tracking import TELEMETRY_OFF, RunInfo
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REGISTERED_NAMES = {"dynstaticnet": "DynStaticNet", "dwgn": "DwGN"}
 CHAMPION = "champion"
 PREVIOUS = "previous"
 TEST_SET_TAG = "test.manifest_checksum"
@@ -51,10 +51,6 @@ RUN_TAGS = {
 # Set on the training's run by `export.log_export`: the URI of the ONNX model it logged, what `register` registers.
 ONNX_MODEL_TAG = "onnx_model_uri"
 MODEL_FORMAT = "onnx"
-DESCRIPTIONS = {
-    "dynstaticnet": "DynStaticNet: video network removing rain, haze and snow; takes clips [B, T, 3, H, W]",
-    "dwgn": "DwGN: image network removing rain, haze and snow, run frame by frame; takes frames [B, 3, H, W]",
-}
 # Float noise must not turn a gain of exactly min_delta into a refusal.
 EPSILON = 1e-9
 
@@ -85,10 +81,9 @@ def connect(tracking_uri: str) -> MlflowClient:
 
 def registered_name(model: str) -> str:
     """`dynstaticnet` -> `DynStaticNet`, `dwgn` -> `DwGN`."""
-    try:
-        return REGISTERED_NAMES[model]
-    except KeyError:
-        raise RegistryError(f"unknown model '{model}': one of {', '.join(REGISTERED_NAMES)}") from None
+    if model not in MODELS:
+        raise RegistryError(f"unknown model '{model}': one of {', '.join(MODELS)}")
+    return MODELS[model].registered_name
 
 
 def _now() -> str:
@@ -195,7 +190,8 @@ def locate(uri: str, client: MlflowClient) -> Located:
         else:
             name, _, version = rest.partition("/")
             label = uri
-        model = {registered: model for model, registered in REGISTERED_NAMES.items()}.get(name)
+        facts = by_registered_name(name)
+        model = facts.name if facts else None
         if not version.isdigit():  # a stage or `latest`: MLflow resolves it
             return Located(uri, label, model)
         return Located(client.get_model_version_download_uri(name, version), label, model)
@@ -272,8 +268,8 @@ def describe(model: str, run: Run) -> str:
         code += " (with uncommitted changes)"
     data = params.get("data.manifest_checksum", tags.get("data.manifest_checksum", "unknown"))
     text = (
-        f"{DESCRIPTIONS[model]}. From MLflow run {run.info.run_id}: trained at {code} on the clips of data manifest "
-        f"{data[:12]} (config hash {params.get('config_hash', 'unknown')[:12]}). "
+        f"{MODELS[model].description}. From MLflow run {run.info.run_id}: trained at {code} on the clips of data "
+        f"manifest {data[:12]} (config hash {params.get('config_hash', 'unknown')[:12]}). "
         f"Test PSNR {metrics['test_psnr']:.2f} dB"
     )
     if "test_input_psnr" in metrics:
@@ -300,7 +296,7 @@ def _ensure_registered_model(client: MlflowClient, name: str, model: str) -> Non
         client.create_registered_model(
             name,
             tags={"model": model},
-            description=f"{DESCRIPTIONS[model]}. Aliases: `{CHAMPION}` is the version that passed the promotion "
+            description=f"{MODELS[model].description}. Aliases: `{CHAMPION}` is the version that passed the promotion "
             f"gate (weather-restore promote), `{PREVIOUS}` the champion before it (weather-restore rollback).",
         )
         log.info("created registered model %s", name)

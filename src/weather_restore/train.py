@@ -44,8 +44,9 @@ from weather_restore.checkpoint import config_hash, restore_rng_state, resume_st
 from weather_restore.config import Params, TrainConfig
 from weather_restore.data.dataset import ClipDataset, FrameDataset, TrainingSampler, spread_over_weathers
 from weather_restore.errors import ModelFileError, TrainingError
-from weather_restore.inference import is_video_model, restore_clip
+from weather_restore.inference import restore_clip
 from weather_restore.losses import LOSSES, Loss, frame_psnr
+from weather_restore.models.facts import model_facts
 from weather_restore.outputs import atomic_path
 from weather_restore.progress import progress
 
@@ -259,7 +260,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
         self.model_name, self.params, self.cfg, self.ctx = model_name, params, cfg, ctx
-        self.video = is_video_model(model_name)
+        self.video = model_facts(model_name).video
         self.dtype = autocast_dtype(cfg.amp, ctx.device)
         self.out_dir, self.reports_dir = out_dir, reports_dir
         self.checkpoint_path = out_dir / "checkpoint.pt"

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from weather_restore import metrics
 from weather_restore.errors import ConfigError
 from weather_restore.metrics import count_flops
-from weather_restore.models import MODEL_NAMES, build_model, model_input_shape
+from weather_restore.models import MODEL_NAMES, build_model
 from weather_restore.models.dynstaticnet import DynStaticNet, MGAConv, TemporalAttention, WindowAttention
+from weather_restore.models.facts import by_rank, by_registered_name, model_facts
 
 TINY = {"dim": 8, "blocks": (1, 2, 1), "refinement_blocks": 1}
 
@@ -242,9 +243,17 @@ def test_build_model_by_name():
         build_model("unet")
 
 
-def test_model_input_shapes():
-    assert model_input_shape("dynstaticnet", 2, 10, 64, 48) == (2, 10, 3, 64, 48)
-    assert model_input_shape("DwGN", 2, 10, 64, 48) == (20, 3, 64, 48)
+def test_model_facts_give_each_layout():
+    video, image = model_facts("dynstaticnet"), model_facts("DwGN")
+    assert video.input_shape(2, 10, 64, 48) == (2, 10, 3, 64, 48)
+    assert image.input_shape(2, 10, 64, 48) == (20, 3, 64, 48)
+    assert (video.video, image.video) == (True, False)
+    assert video.dynamic_axes == {0: "batch", 1: "frames", 3: "height", 4: "width"}
+    assert image.dynamic_axes == {0: "batch", 2: "height", 3: "width"}
+    assert (video.dynamic_shape, image.dynamic_shape) == ((-1, -1, 3, -1, -1), (-1, 3, -1, -1))
+    assert image.description.endswith("takes frames [B, 3, H, W]")
+    assert by_rank(5) is video and by_rank(4) is image and by_rank(3) is None
+    assert by_registered_name("DwGN") is image and by_registered_name("dwgn") is None
 
 
 def test_starting_from_identity_returns_the_input_and_still_learns():

@@ -1,22 +1,9 @@
 import math
 
-import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio
 
-from weather_restore.losses import LOSSES, charbonnier_loss, frame_psnr, l1_loss, psnr_loss
-
-
-def test_frame_psnr_equals_scikit_image_per_frame():
-    rng = np.random.default_rng(0)
-    clean = rng.random((2, 3, 3, 8, 8)).astype(np.float32)
-    restored = np.clip(clean + rng.normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)
-    ours = frame_psnr(torch.from_numpy(restored), torch.from_numpy(clean))
-    assert ours.shape == (2, 3)
-    for b in range(2):
-        for t in range(3):
-            expected = peak_signal_noise_ratio(clean[b, t], restored[b, t], data_range=1.0)
-            assert math.isclose(ours[b, t].item(), expected, rel_tol=1e-5)
+from weather_restore.losses import LOSSES, charbonnier_loss, l1_loss, psnr_loss
+from weather_restore.metrics import psnr
 
 
 def test_psnr_loss_averages_per_frame_psnr_rather_than_pooling_the_error():
@@ -36,3 +23,13 @@ def test_losses_are_zero_at_the_target_and_grow_with_the_error():
     assert math.isclose(l1_loss(clean + 0.1, clean).item(), 0.1, rel_tol=1e-4)
     assert math.isclose(charbonnier_loss(clean, clean).item(), 1e-3, rel_tol=1e-4)
     assert psnr_loss(clean + 0.01, clean) < psnr_loss(clean + 0.1, clean)
+
+
+def test_the_psnr_loss_is_the_metric_and_stays_finite_on_a_perfect_frame():
+    clean = torch.rand(1, 2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    restored = (clean + 0.05).clamp(0, 1)
+    assert math.isclose(psnr_loss(restored, clean).item(), -psnr(restored, clean).mean().item(), rel_tol=1e-6)
+    perfect = clean.clone().requires_grad_()
+    loss = psnr_loss(perfect, clean)
+    loss.backward()
+    assert math.isclose(loss.item(), -80.0, rel_tol=1e-6) and torch.isfinite(perfect.grad).all()

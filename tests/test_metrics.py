@@ -29,6 +29,12 @@ def test_psnr_equals_scikit_image_per_frame(frames):
     assert ours[0] > ours[3]
 
 
+def test_psnr_of_clips_is_one_value_per_frame(frames):
+    restored, clean = frames
+    clips = psnr(restored.view(2, 2, 3, 24, 31), clean.view(2, 2, 3, 24, 31))
+    assert clips.shape == (2, 2) and torch.equal(clips.flatten(), psnr(restored, clean))
+
+
 def test_ssim_equals_scikit_image_per_frame(frames):
     restored, clean = frames
     ours = ssim(restored, clean)

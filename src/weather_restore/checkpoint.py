@@ -1,8 +1,12 @@
-"""Training checkpoints: atomic save, weights-only load, resume of an unfinished training of the same config.
+"""Training checkpoints: atomic save, weights-only load, resume of an unfinished training of the same config, and
+the choice of the weights later stages use.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (so `torch.load(weights_only=True)`
-reads it): the model's and optimiser's state, the scheduler's, the grad scaler's, the iteration, every random
-state, the data sampler's position, the model's name and constructor arguments, and a hash of the config.
+reads it): the model's and optimiser's state, the scheduler's, the grad scaler's, the EMA of the weights when
+training keeps one, the iteration, every random state, the data sampler's position, the model's name and
+constructor arguments, and a hash of the config. Beside the last checkpoint (`checkpoint.pt`) training keeps
+`best.pt`: the weights of its best validation PSNR (the EMA's when on), the model's name and config, and the
+training's id. `training.<model>.use` says which of the two `evaluate`, `export` and `register` use.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from weather_restore.outputs import atomic_path
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+LAST_NAME, BEST_NAME = "checkpoint.pt", "best.pt"
+WEIGHTS_FILES = {"last": LAST_NAME, "best": BEST_NAME}
 
 
 def config_hash(config: Any) -> str:
@@ -127,7 +133,9 @@ def load_model(path: Path, map_location: str | torch.device = "cpu", expected: s
 
     state = load_checkpoint(path, map_location)
     try:
-        name, config, weights = state["model_name"], dict(state["model_config"]), state["model"]
+        name, config = state["model_name"], dict(state["model_config"])
+        # A training that keeps an EMA of its weights ships the average, not the raw weights it resumes from.
+        weights = state["ema"]["weights"] if state.get("ema") else state["model"]
     except (KeyError, TypeError, ValueError):
         raise ModelFileError(
             f"{path}: not a training checkpoint (it lacks the model's name, config or weights)"
@@ -169,3 +177,33 @@ def _misfit(model: nn.Module, weights: Any) -> str:
     elif missing or unexpected:
         parts.append(f"e.g. {(missing or unexpected)[0]}")
     return ", ".join(parts) or "tensors of another type"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file: which weights a measurement or an export was made of."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trained_weights(model_dir: Path, use: str) -> Path:
+    """The file of the weights `training.<model>.use` names in a training's folder: `best.pt` or the last
+    checkpoint. A `best.pt` left by another training than the checkpoint beside it (one that was restarted and has
+    not validated yet) is refused rather than taken for this training's best."""
+    model_dir = Path(model_dir)
+    path = model_dir / WEIGHTS_FILES[use]
+    if use == "best" and path.is_file() and (model_dir / LAST_NAME).is_file():
+        best, last = load_checkpoint(path), load_checkpoint(model_dir / LAST_NAME)
+        if best.get("training_id") != last.get("training_id"):
+            raise ModelFileError(
+                f"{path}: the best weights of another training than {model_dir / LAST_NAME} (it has not validated "
+                f"yet); finish the training (weather-restore train --model {last.get('model_name', 'MODEL')}) or set "
+                "use: last"
+            )
+    if not path.is_file():
+        raise ModelFileError(
+            f"{path}: no such file (training.<model>.use: {use}); train the model first (weather-restore train)"
+        )
+    return path

@@ -6,18 +6,14 @@ from collections.abc import Callable
 
 import torch
 
+from weather_restore.metrics import psnr
+
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def frame_psnr(restored: torch.Tensor, clean: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """PSNR of every frame: MSE over (C, H, W), then -10 log10(MSE + eps); shape (...) of the leading dims."""
-    mse = (restored - clean).pow(2).flatten(-3).mean(-1)
-    return -10.0 * torch.log10(mse + eps)
 
 
 def psnr_loss(restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """Negative PSNR averaged over frames and batch (the reference's loss, per frame as it should be)."""
-    return -frame_psnr(restored, clean).mean()
+    return -psnr(restored, clean, eps=1e-8).mean().to(restored.dtype)
 
 
 def charbonnier_loss(restored: torch.Tensor, clean: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

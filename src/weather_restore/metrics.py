@@ -80,11 +80,12 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> dict[str, float | di
 log = logging.getLogger(__name__)
 
 
-def psnr(restored: torch.Tensor, clean: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """PSNR in dB of each frame of (N, C, H, W) tensors: one value per frame (inf where they are equal)."""
-    diff = restored.double() - clean.double()
-    mse = diff.pow(2).flatten(1).mean(dim=1)
-    return 10.0 * torch.log10(data_range**2 / mse)
+def psnr(restored: torch.Tensor, clean: torch.Tensor, data_range: float = 1.0, eps: float = 0.0) -> torch.Tensor:
+    """PSNR in dB of each frame of (..., C, H, W) tensors, in float64: one value per frame, shaped like the leading
+    dims (inf where equal). The one PSNR of the project: validation, test, export parity and the PSNR loss, which
+    passes `eps` (added to the MSE) to stay finite and differentiable on a perfect frame."""
+    mse = (restored.double() - clean.double()).pow(2).flatten(-3).mean(dim=-1)
+    return 10.0 * torch.log10(data_range**2 / (mse + eps))
 
 
 def ssim(restored: torch.Tensor, clean: torch.Tensor, data_range: float = 1.0, window: int = 7) -> torch.Tensor:

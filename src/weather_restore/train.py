@@ -2,13 +2,15 @@
 
 Recipe (the papers'): Adam, cosine annealing from `lr` to `lr_min` over the iterations, PSNR loss by default
 (Charbonnier and L1 selectable), random crops, flips and 90-degree rotations applied alike to input, ground truth
-and every frame. CUDA with bf16 (or fp16 with a grad scaler) autocast when present, else float32 on the CPU.
-Under `torchrun` every process trains on its share of each global batch with DistributedDataParallel; process 0
-alone logs, checkpoints and talks to MLflow.
+and every frame; optionally an exponential moving average of the weights (`ema_decay`). CUDA with bf16 (or fp16
+with a grad scaler) autocast when present, else float32 on the CPU. Under `torchrun` every process trains on its
+share of each global batch with DistributedDataParallel; process 0 alone validates, logs, checkpoints and talks to
+MLflow. Validation reads the `val` split only: the test clips are `evaluate`'s alone.
 
-Outputs: `<out>/checkpoint.pt` (every `checkpoint_every` iterations and at the end), `<out>/run.json` (the MLflow
-run, for evaluation and export), `<reports>/train.csv` (iteration, loss, lr, data wait, step time; written as it
-goes) and `<reports>/validation.csv` (validation PSNR of a few test clips, and the input's).
+Outputs: `<out>/checkpoint.pt` (every `checkpoint_every` iterations and at the end), `<out>/best.pt` (the weights of
+the best validation PSNR so far, the EMA's when on), `<out>/run.json` (the MLflow run, for evaluation and export),
+`<reports>/train.csv` (iteration, loss, lr, data wait, step time; written as it goes) and
+`<reports>/validation.csv` (validation PSNR of a few validation clips, and the input's).
 
 Killed at any point, a rerun goes on where it stopped. Metric rows reach MLflow only after the checkpoint that
 covers them (it carries those not yet sent), so the steps a resume redoes are never logged twice. run.json names
@@ -20,6 +22,7 @@ training left RUNNING is either resumed or, when a new training supersedes it, m
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import logging
 import math
@@ -37,15 +40,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from weather_restore import tracking
-from weather_restore.checkpoint import config_hash, restore_rng_state, resume_state, rng_state, save_checkpoint
+from weather_restore.checkpoint import (
+    BEST_NAME,
+    LAST_NAME,
+    config_hash,
+    restore_rng_state,
+    resume_state,
+    rng_state,
+    save_checkpoint,
+)
 from weather_restore.config import Params, TrainConfig
 from weather_restore.data.dataset import ClipDataset, FrameDataset, TrainingSampler, spread_over_weathers
 from weather_restore.errors import ModelFileError, TrainingError
 from weather_restore.inference import restore_clip
-from weather_restore.losses import LOSSES, Loss, frame_psnr
+from weather_restore.losses import LOSSES, Loss
+from weather_restore.metrics import psnr
 from weather_restore.models.facts import model_facts
 from weather_restore.outputs import atomic_path
 from weather_restore.progress import progress
@@ -64,6 +76,7 @@ OPERATIONAL_FIELDS = {
     "val_frames",
     "compile",
     "deterministic",
+    "use",
 }
 
 
@@ -88,6 +101,8 @@ class TrainSummary:
     final_loss: float
     val_psnr: float | None
     val_input_psnr: float | None
+    best_val_psnr: float | None
+    best_iteration: int | None
     seconds: float
     data_wait_fraction: float
     checkpoint: Path
@@ -126,6 +141,82 @@ def hashed_config(model_name: str, params: Params, manifest_checksum: str) -> di
         "training": cfg.model_dump(mode="json", exclude=OPERATIONAL_FIELDS),
         "data": manifest_checksum,
     }
+
+
+# --- set-up: each piece of a training, built from its config ------------------------------------------------------
+
+
+def make_reproducible(cfg: TrainConfig) -> None:
+    """Seed every global generator; with `deterministic`, ask PyTorch (and cuBLAS) for deterministic kernels."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+
+def training_set(model_name: str, cfg: TrainConfig, data_root: Path) -> ClipDataset | FrameDataset:
+    """The `train` split: clips for a video model, single frames for an image model."""
+    if model_facts(model_name).video:
+        return ClipDataset(data_root, "train", frames=cfg.clip_frames, crop=cfg.crop)
+    return FrameDataset(data_root, "train", crop=cfg.crop)
+
+
+def validation_samples(cfg: TrainConfig, data_root: Path) -> list[dict[str, Any]]:
+    """A few whole clips of the `val` split, spread over the weathers: what validation and best.pt are judged on.
+    Never the test split, which only `evaluate` reads."""
+    val_set = ClipDataset(data_root, "val", frames=cfg.val_frames, augment=False)
+    return [val_set[i] for i in spread_over_weathers(val_set.clips, cfg.val_clips)]
+
+
+def training_loader(dataset: Dataset, sampler: TrainingSampler, cfg: TrainConfig, ctx: Distributed) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size // ctx.world_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=ctx.device.type == "cuda",
+        prefetch_factor=4 if cfg.workers else None,
+        # Its own generator: creating the loader must not draw from the global RNG a resume restored.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def distribute(model: nn.Module, ctx: Distributed, compile: bool) -> nn.Module:
+    """The module the steps run: DistributedDataParallel under torchrun, torch.compile'd when asked."""
+    net: nn.Module = model
+    if ctx.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return torch.compile(net) if compile else net
+
+
+class EMA:
+    """An exponential moving average of a model's weights (parameters and floating buffers), the weights
+    restoration toolboxes validate and ship: after each step `average = d * average + (1 - d) * weights`, with
+    `d = min(decay, (1 + n) / (10 + n))` at update n, so a short training is not dominated by its starting point."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if average.is_floating_point():
+                average.lerp_(current.detach(), 1 - decay)
+            else:
+                average.copy_(current)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "weights": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["weights"])
 
 
 def train_step(
@@ -171,14 +262,14 @@ def validate(
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for sample in samples:
             restored = restore_clip(model, model_name, sample["degraded"].to(device)).float()
-            scores.append(frame_psnr(restored, sample["clean"].to(device)).mean().item())
+            scores.append(psnr(restored, sample["clean"].to(device)).mean().item())
     model.train(was_training)
     return float(np.mean(scores))
 
 
 def input_psnr(samples: list[dict[str, Any]]) -> float:
     """The same score for the degraded input itself: what a model must beat."""
-    return float(np.mean([frame_psnr(s["degraded"], s["clean"]).mean().item() for s in samples]))
+    return float(np.mean([psnr(s["degraded"], s["clean"]).mean().item() for s in samples]))
 
 
 class CsvLog:
@@ -207,14 +298,6 @@ class CsvLog:
         self._file.close()
 
 
-def _timing(waits: list[float], totals: list[float], began: float) -> dict[str, float]:
-    """The share of step time spent waiting for data, and the seconds since `began`. The first step waits for the
-    loader's workers to start: it is left out of the steady-state share."""
-    steady = slice(1, None) if len(totals) > 1 else slice(None)
-    fraction = float(sum(waits[steady]) / sum(totals[steady])) if totals else 0.0
-    return {"data_wait_fraction": fraction, "train_seconds": time.perf_counter() - began}
-
-
 def train(
     model_name: str,
     params: Params,
@@ -237,7 +320,7 @@ def train(
 
 
 class Trainer:
-    """One training: the model, optimiser, schedule and data of a (possibly resumed) run, and its loop."""
+    """One training: the model, optimiser, schedule, EMA and data of a (possibly resumed) run, and its loop."""
 
     def __init__(
         self,
@@ -256,35 +339,25 @@ class Trainer:
             raise TrainingError(
                 f"training.{model_name}.batch_size {cfg.batch_size} does not divide among {ctx.world_size} processes"
             )
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-            torch.use_deterministic_algorithms(True)
         self.model_name, self.params, self.cfg, self.ctx = model_name, params, cfg, ctx
-        self.video = model_facts(model_name).video
         self.dtype = autocast_dtype(cfg.amp, ctx.device)
-        self.out_dir, self.reports_dir = out_dir, reports_dir
-        self.checkpoint_path = out_dir / "checkpoint.pt"
+        self.reports_dir = reports_dir
+        self.checkpoint_path, self.best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
+        self.record_path = out_dir / tracking.RUN_INFO_NAME
 
-        if self.video:
-            train_set: ClipDataset | FrameDataset = ClipDataset(
-                data_root, "train", frames=cfg.clip_frames, crop=cfg.crop
-            )
-        else:
-            train_set = FrameDataset(data_root, "train", crop=cfg.crop)
+        train_set = training_set(model_name, cfg, data_root)
         self.config = hashed_config(model_name, params, train_set.checksum)
         self.digest = config_hash(self.config)
-        self.record_path = out_dir / tracking.RUN_INFO_NAME
         self.previous = self._previous_record()
         unlogged = self.previous.training_id if self.previous and not self.previous.complete else None
         self.state = None if restart else resume_state(self.checkpoint_path, self.digest, unlogged)
-        self.start = self.state["iteration"] if self.state else 0
+        state = self.state or {}
+        self.start: int = state.get("iteration", 0)
         # Killed after its last checkpoint, before its end-of-training logging completed: only that is left.
         self.finishing = self.start >= cfg.iterations
-        self.training_id: str = (self.state or {}).get("training_id") or uuid.uuid4().hex
+        self.training_id: str = state.get("training_id") or uuid.uuid4().hex
 
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
+        make_reproducible(cfg)
         model = build_model(model_name, **self.config["model_config"])
         if cfg.init == "identity":
             model.start_from_identity()
@@ -297,61 +370,239 @@ class Trainer:
             self.optimizer, T_max=cfg.iterations, eta_min=cfg.lr_min
         )
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay and ctx.main else None  # only process 0 ships
         if self.state:
-            model.load_state_dict(self.state["model"])
-            self.optimizer.load_state_dict(self.state["optimizer"])
-            self.scheduler.load_state_dict(self.state["scheduler"])
-            self.scaler.load_state_dict(self.state["scaler"])
-            restore_rng_state(self.state["rng"])
-        net: nn.Module = model
-        if ctx.world_size > 1:
-            net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.net = torch.compile(net) if cfg.compile else net
-
+            self._restore(self.state)
+        self.net = distribute(model, ctx, cfg.compile)
         self.sampler = TrainingSampler(len(train_set), cfg.batch_size, cfg.seed, self.start, ctx.rank, ctx.world_size)
-        self.loader = DataLoader(
-            train_set,
-            batch_size=cfg.batch_size // ctx.world_size,
-            sampler=self.sampler,
-            num_workers=cfg.workers,
-            pin_memory=ctx.device.type == "cuda",
-            prefetch_factor=4 if cfg.workers else None,
-            # Its own generator: creating the loader must not draw from the global RNG a resume restored.
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        self.val_samples: list[dict[str, Any]] = []
-        if ctx.main:
-            test_set = ClipDataset(data_root, "test", frames=cfg.val_frames, augment=False)
-            self.val_samples = [test_set[i] for i in spread_over_weathers(test_set.clips, cfg.val_clips)]
-        self.run_id: str | None = (self.state or {}).get("mlflow_run_id") or None
+        self.loader = training_loader(train_set, self.sampler, cfg, ctx)
+        self.val_samples = validation_samples(cfg, data_root) if ctx.main else []
+        self.baseline = input_psnr(self.val_samples) if ctx.main else None
+
+        self.run_id: str | None = state.get("mlflow_run_id") or None
         self.experiment_id: str | None = None
-        self.val_psnr: float | None = (self.state or {}).get("val_psnr")
+        self.val_psnr: float | None = state.get("val_psnr")
+        best = state.get("best") or {}
+        self.best_psnr: float | None = best.get("val_psnr")
+        self.best_iteration: int | None = best.get("iteration")
         self.last_saved: int | None = self.start if self.state else None
         # Metric rows not yet in MLflow: sent after each checkpoint, so that a resume, which redoes the steps
         # after the last checkpoint, never logs a step twice; a checkpoint carries those it was saved with.
-        self.pending: list[dict[str, Any]] = list((self.state or {}).get("metrics_pending", []))
+        self.pending: list[dict[str, Any]] = list(state.get("metrics_pending", []))
+        self.loss = float("nan")
+        self.waits: list[float] = []
+        self.totals: list[float] = []
         if ctx.world_size > 1:
             dist.barrier()  # every process has read the checkpoint and run.json before process 0 rewrites them
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        restore_rng_state(state["rng"])
 
     @property
     def tracked(self) -> bool:
         return self.ctx.main and self.params.tracking.enabled
 
     def run(self, project_root: Path) -> TrainSummary:
-        """Train (or resume, or only finish the logging of a finished checkpoint) inside the MLflow run. run.json
-        names the run from the start and is marked complete only after the run has ended: a crash at any point
-        before leaves a checkpoint and a record from which the next run resumes."""
+        """The recipe, inside the training's MLflow run: every iteration a batch, an optimisation step, the EMA and
+        the schedule; a curve row every `log_every`, a validation on the val split (a new best goes to best.pt)
+        every `validate_every`, a checkpoint every `checkpoint_every`; all three at the last iteration."""
+        cfg = self.cfg
+        with self._bookkeeping(project_root):
+            if self.finishing:
+                return self._summary(self.state["summary"], "finished its iterations before: finishing its logging")
+            with self._curves():
+                for done in self._iterations():
+                    loss, lr, waited = self._step(done)
+                    if self._due(done, cfg.log_every):
+                        self._log_step(done, loss, lr, waited)
+                    if self._due(done, cfg.validate_every):
+                        self._validate(done)
+                    if self._due(done, cfg.checkpoint_every):
+                        self.save(done)
+            return self._summary({"loss": self.loss, **self._timing()}, f"trained {len(self.totals)} iterations")
+
+    # --- the steps of the recipe ------------------------------------------------------------------------------
+
+    def _iterations(self) -> Iterator[int]:
+        """The iterations left, numbered from 1, with a progress bar on process 0; times each step."""
+        steps = range(self.start, self.cfg.iterations)
+        self.net.train()
+        self.batches = iter(self.loader)
+        self.began = self.tick = time.perf_counter()
+        for iteration in progress(steps, desc=f"training {self.model_name}", unit="it") if self.ctx.main else steps:
+            yield iteration + 1
+            self.tick = time.perf_counter()  # validation and checkpoints are not step time
+
+    def _step(self, done: int) -> tuple[float, float, float]:
+        """One optimisation step on the next batch, then the EMA and the schedule; returns the loss, the learning
+        rate the step used and the seconds spent waiting for the batch."""
+        fetch = time.perf_counter()
+        batch = next(self.batches)
+        waited = time.perf_counter() - fetch
+        lr = self.optimizer.param_groups[0]["lr"]
+        degraded = batch["degraded"].to(self.ctx.device, non_blocking=True)
+        clean = batch["clean"].to(self.ctx.device, non_blocking=True)
+        loss = train_step(
+            self.net, degraded, clean, self.optimizer, LOSSES[self.cfg.loss], self.scaler, self.dtype,
+            self.ctx.world_size,
+        )  # fmt: skip
+        if not math.isfinite(loss):
+            raise self._non_finite(loss, done, lr)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.scheduler.step()
+        now = time.perf_counter()
+        self.waits.append(waited)
+        self.totals.append(now - self.tick)
+        self.loss = loss
+        return loss, lr, waited
+
+    def _due(self, done: int, every: int) -> bool:
+        """Process 0's periodic work: every `every` iterations and at the last one."""
+        return self.ctx.main and (done % every == 0 or done == self.cfg.iterations)
+
+    def _log_step(self, done: int, loss: float, lr: float, waited: float) -> None:
+        self.train_log.write(
+            {"iteration": done, "loss": loss, "lr": lr, "data_wait_s": waited, "step_s": self.totals[-1]}
+        )
+        self._log_metrics({"loss": loss, "lr": lr, "data_wait_s": waited}, done)
+
+    def _shipped(self) -> nn.Module:
+        """The weights this training hands on: the EMA's when it keeps one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _validate(self, done: int) -> None:
+        """The validation PSNR of the shipped weights on the val clips; a new best is written to best.pt."""
+        self.val_psnr = validate(self._shipped(), self.model_name, self.val_samples, self.ctx.device, self.dtype)
+        self.val_log.write({"iteration": done, "val_psnr": self.val_psnr, "input_psnr": self.baseline})
+        metrics = {"val_psnr": self.val_psnr, "val_input_psnr": self.baseline}
+        if self.best_psnr is None or self.val_psnr > self.best_psnr:
+            self.best_psnr, self.best_iteration = self.val_psnr, done
+            self._save_best(done)
+            metrics["best_val_psnr"] = self.val_psnr
+        self._log_metrics(metrics, done)
+        log.info(
+            "%s iteration %d: loss %.4f, validation PSNR %.2f dB (input %.2f dB, best %.2f dB at %d)",
+            self.model_name, done, self.loss, self.val_psnr, self.baseline, self.best_psnr, self.best_iteration,
+        )  # fmt: skip
+
+    def _save_best(self, done: int) -> None:
+        """best.pt: the weights of the best validation so far, loadable as a model like the checkpoint. Written
+        before the checkpoint that records it: a resume redoes the same validation and writes the same file."""
+        save_checkpoint(
+            self.best_path,
+            {
+                "model_name": self.model_name,
+                "model_config": self.config["model_config"],
+                "config_hash": self.digest,
+                "training_id": self.training_id,
+                "iteration": done,
+                "val_psnr": self.val_psnr,
+                "ema": False,  # the weights below are already the shipped ones
+                "model": self._shipped().state_dict(),
+            },
+        )
+
+    def save(self, iteration: int) -> None:
+        """Write the checkpoint (with the metric rows not yet in MLflow), then send those rows."""
+        timing = self._timing()
+        if iteration == self.cfg.iterations:
+            self._log_metrics(timing, iteration)
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "model_name": self.model_name,
+                "model_config": self.config["model_config"],
+                "config": self.config,
+                "config_hash": self.digest,
+                "iteration": iteration,
+                "iterations": self.cfg.iterations,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": rng_state(),
+                "sampler": self.sampler.state_dict(iteration),
+                "mlflow_run_id": self.run_id or "",
+                "training_id": self.training_id,
+                "val_psnr": self.val_psnr,
+                "best": {"val_psnr": self.best_psnr, "iteration": self.best_iteration},
+                "summary": {"loss": self.loss, **timing},
+                "metrics_pending": self.pending,
+            },
+        )
+        self.last_saved = iteration
+        self._flush()  # only now: a resume starts after this checkpoint and will not redo these steps
+
+    def _timing(self) -> dict[str, float]:
+        """The share of step time spent waiting for data, and the seconds since the loop began. The first step
+        waits for the loader's workers to start: it is left out of the steady-state share."""
+        steady = slice(1, None) if len(self.totals) > 1 else slice(None)
+        waits, totals = self.waits[steady], self.totals[steady]
+        fraction = float(sum(waits) / sum(totals)) if totals else 0.0
+        return {"data_wait_fraction": fraction, "train_seconds": time.perf_counter() - self.began}
+
+    def _summary(self, figures: dict[str, float], what: str) -> TrainSummary:
+        if self.ctx.main:
+            log.info(
+                "%s: %s in %.0f s; data wait %.1f%% of step time",
+                self.model_name, what, figures["train_seconds"], 100 * figures["data_wait_fraction"],
+            )  # fmt: skip
+        return TrainSummary(
+            model=self.model_name,
+            iterations=self.cfg.iterations,
+            start_iteration=self.start,
+            final_loss=figures["loss"],
+            val_psnr=self.val_psnr,
+            val_input_psnr=self.baseline,
+            best_val_psnr=self.best_psnr,
+            best_iteration=self.best_iteration,
+            seconds=figures["train_seconds"],
+            data_wait_fraction=figures["data_wait_fraction"],
+            checkpoint=self.checkpoint_path,
+            run_id=self.run_id,
+            main=self.ctx.main,
+        )
+
+    # --- bookkeeping: curves, run.json, MLflow ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _bookkeeping(self, project_root: Path) -> Iterator[None]:
+        """Open (or reopen) the MLflow run and mark run.json incomplete; on success send the curves, end the run,
+        then mark run.json complete. A crash at any point before leaves a checkpoint and a record from which the
+        next run resumes; an exception marks the MLflow run FAILED."""
         with contextlib.ExitStack() as stack:
             if self.tracked:
                 self.run_id = stack.enter_context(self._mlflow_run(project_root))
             if self.ctx.main:
                 self._write_record(complete=False)
-            summary = self._finished_summary() if self.finishing else self._loop()
+            yield
             if self.tracked:
                 self._log_outputs()
         if self.ctx.main:
             self._write_record(complete=True)
-        return summary
+
+    @contextlib.contextmanager
+    def _curves(self) -> Iterator[None]:
+        """train.csv and validation.csv on process 0: resumed at the checkpoint's iteration, or started afresh."""
+        if not self.ctx.main:
+            yield
+            return
+        resume_at = self.start if self.state else None
+        self.train_log = CsvLog(self.reports_dir / "train.csv", TRAIN_FIELDS, resume_at)
+        self.val_log = CsvLog(self.reports_dir / "validation.csv", VALIDATION_FIELDS, resume_at)
+        try:
+            yield
+        finally:
+            self.train_log.close()
+            self.val_log.close()
 
     def _previous_record(self) -> tracking.RunInfo | None:
         """The run.json a previous training left here, when there is one that can be read."""
@@ -377,140 +628,6 @@ class Trainer:
         tracking.write_run_info(
             self.record_path,
             tracking.RunInfo(model=self.model_name, training_id=self.training_id, complete=complete, **run),
-        )
-
-    def save(self, iteration: int, summary: dict[str, float]) -> None:
-        """Write the checkpoint (with the metric rows not yet in MLflow), then send those rows."""
-        save_checkpoint(
-            self.checkpoint_path,
-            {
-                "model_name": self.model_name,
-                "model_config": self.config["model_config"],
-                "config": self.config,
-                "config_hash": self.digest,
-                "iteration": iteration,
-                "iterations": self.cfg.iterations,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng_state(),
-                "sampler": self.sampler.state_dict(iteration),
-                "mlflow_run_id": self.run_id or "",
-                "training_id": self.training_id,
-                "val_psnr": self.val_psnr,
-                "summary": summary,
-                "metrics_pending": self.pending,
-            },
-        )
-        self.last_saved = iteration
-        self._flush()  # only now: a resume starts after this checkpoint and will not redo these steps
-
-    def _loop(self) -> TrainSummary:
-        cfg, ctx, main = self.cfg, self.ctx, self.ctx.main
-        loss_fn = LOSSES[cfg.loss]
-        resume_at = self.start if self.state else None
-        if main:
-            train_log = CsvLog(self.reports_dir / "train.csv", TRAIN_FIELDS, resume_at)
-            val_log = CsvLog(self.reports_dir / "validation.csv", VALIDATION_FIELDS, resume_at)
-            baseline = input_psnr(self.val_samples)
-        waits: list[float] = []
-        totals: list[float] = []
-        loss = float("nan")
-        began = time.perf_counter()
-        steps = range(self.start, cfg.iterations)
-        self.net.train()
-        batches = iter(self.loader)
-        tick = time.perf_counter()
-        try:
-            for iteration in progress(steps, desc=f"training {self.model_name}", unit="it") if main else steps:
-                fetch = time.perf_counter()
-                batch = next(batches)
-                waited = time.perf_counter() - fetch
-                lr = self.optimizer.param_groups[0]["lr"]
-                degraded = batch["degraded"].to(ctx.device, non_blocking=True)
-                clean = batch["clean"].to(ctx.device, non_blocking=True)
-                loss = train_step(
-                    self.net, degraded, clean, self.optimizer, loss_fn, self.scaler, self.dtype, ctx.world_size
-                )
-                if not math.isfinite(loss):
-                    raise self._non_finite(loss, iteration + 1, lr)
-                self.scheduler.step()
-                done = iteration + 1
-                now = time.perf_counter()
-                waits.append(waited)
-                totals.append(now - tick)
-                tick = now
-                if not main:
-                    continue
-                if done % cfg.log_every == 0 or done == cfg.iterations:
-                    train_log.write(
-                        {"iteration": done, "loss": loss, "lr": lr, "data_wait_s": waited, "step_s": totals[-1]}
-                    )
-                    self._log_metrics({"loss": loss, "lr": lr, "data_wait_s": waited}, done)
-                if done % cfg.validate_every == 0 or done == cfg.iterations:
-                    self.val_psnr = validate(self.model, self.model_name, self.val_samples, ctx.device, self.dtype)
-                    val_log.write({"iteration": done, "val_psnr": self.val_psnr, "input_psnr": baseline})
-                    self._log_metrics({"val_psnr": self.val_psnr, "val_input_psnr": baseline}, done)
-                    log.info(
-                        "%s iteration %d: loss %.4f, validation PSNR %.2f dB (input %.2f dB)",
-                        self.model_name,
-                        done,
-                        loss,
-                        self.val_psnr,
-                        baseline,
-                    )
-                if done == cfg.iterations:
-                    self._log_metrics(_timing(waits, totals, began), done)
-                if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                    self.save(done, {"loss": loss, **_timing(waits, totals, began)})
-                tick = time.perf_counter()  # validation and checkpoints are not step time
-        finally:
-            if main:
-                train_log.close()
-                val_log.close()
-
-        timing = _timing(waits, totals, began)
-        wait_fraction, seconds = timing["data_wait_fraction"], timing["train_seconds"]
-        if main:
-            log.info(
-                "trained %s for %d iterations in %.0f s; data wait %.1f%% of step time",
-                self.model_name,
-                len(steps),
-                seconds,
-                100 * wait_fraction,
-            )
-        return TrainSummary(
-            model=self.model_name,
-            iterations=cfg.iterations,
-            start_iteration=self.start,
-            final_loss=loss,
-            val_psnr=self.val_psnr,
-            val_input_psnr=baseline if main else None,
-            seconds=seconds,
-            data_wait_fraction=wait_fraction,
-            checkpoint=self.checkpoint_path,
-            run_id=self.run_id,
-            main=main,
-        )
-
-    def _finished_summary(self) -> TrainSummary:
-        """The figures of the finished training in the checkpoint, whose logging is all that is left to do."""
-        figures = self.state["summary"]
-        if self.ctx.main:
-            log.info("%s finished its %d iterations before: finishing its logging", self.model_name, self.start)
-        return TrainSummary(
-            model=self.model_name,
-            iterations=self.cfg.iterations,
-            start_iteration=self.start,
-            final_loss=figures["loss"],
-            val_psnr=self.val_psnr,
-            val_input_psnr=input_psnr(self.val_samples) if self.ctx.main else None,
-            seconds=figures["train_seconds"],
-            data_wait_fraction=figures["data_wait_fraction"],
-            checkpoint=self.checkpoint_path,
-            run_id=self.run_id,
-            main=self.ctx.main,
         )
 
     def _non_finite(self, loss: float, iteration: int, lr: float) -> TrainingError:

@@ -12,7 +12,7 @@ from weather_restore.errors import ClipError
 
 
 def make_video(root: Path, video_id: str, weather: str, source_video: str, n_frames: int, split=None, ext=".png"):
-    rng = np.random.default_rng(abs(hash(video_id)) % 2**32)
+    rng = np.random.default_rng(list(video_id.encode()))  # the same frames in every process
     inputs, gts = [], []
     for t in range(n_frames):
         for kind, paths in (("input", inputs), ("gt", gts)):

@@ -138,6 +138,8 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
         use_lpips=cfg.lpips,
         flops_size=tuple(cfg.flops_size),
         device=device,
+        temporal=cfg.temporal,
+        flow_cache=params.data.root / "flows",
     )
     run_json = model_dir / "run.json"
     if not args.model_uri and params.tracking.enabled and run_json.is_file():
@@ -240,6 +242,7 @@ def cmd_promote(args: argparse.Namespace, params: Params) -> None:
         args.version,
         min_delta=params.registry.min_delta,
         weather_tolerance=params.registry.weather_tolerance,
+        temporal_tolerance=params.registry.temporal_tolerance,
         force=args.force,
         reason=args.reason,
     )

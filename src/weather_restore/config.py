@@ -316,6 +316,7 @@ class EvaluationConfig(Section):
     max_clips: Int = Field(0, ge=0, description="0 = every test clip")
     lpips: bool = True
     flops_size: tuple[Count, Count] = Field((128, 128), description="height, width of the GFLOPs measurement")
+    temporal: bool = Field(True, description="warping and flicker errors (TV-L1 flows of the clean clips, cached)")
 
 
 class ExportExporters(Section):
@@ -354,6 +355,9 @@ class TrackingConfig(Section):
 class RegistryConfig(Section):
     min_delta: Float = Field(0.05, ge=0, description="dB of test PSNR a new version must gain")
     weather_tolerance: Float = Field(0.2, ge=0, description="dB any weather may lose")
+    temporal_tolerance: Float | None = Field(
+        None, ge=0, description="how much worse (0.1 = 10%) any weather's warping or flicker error may be; null = off"
+    )
 
 
 class Params(Section):

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: restore every test clip and measure PSNR, SSIM and LPIPS per clip, weather and overall.
+"""Stage `evaluate`: restore every test clip and measure PSNR, SSIM, LPIPS and the temporal errors (temporal.py)
+per clip, weather and overall.
 
 The degraded input is measured against the ground truth in the same way, so the gain is visible. Outputs:
 `reports/<model>/metrics.json` (DVC metrics), `reports/<model>/clips.csv` and `reports/<model>/samples.png`.
@@ -26,10 +27,11 @@ from weather_restore.inference import restore_clip
 from weather_restore.metrics import LPIPSMetric, count_flops, psnr, ssim
 from weather_restore.models.facts import model_facts
 from weather_restore.progress import progress
+from weather_restore.temporal import TEMPORAL_KEYS, FlowCache, clip_errors
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("psnr", "ssim", "lpips", "input_psnr", "input_ssim", "input_lpips")
+METRIC_KEYS = ("psnr", "ssim", "lpips", "input_psnr", "input_ssim", "input_lpips", *TEMPORAL_KEYS)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -99,8 +101,11 @@ def evaluate_model(
     use_lpips: bool = True,
     flops_size: tuple[int, int] = (128, 128),
     device: torch.device | str = "cpu",
+    temporal: bool = True,
+    flow_cache: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on the test split and write metrics.json, clips.csv and samples.png into `reports_dir`."""
+    """Evaluate on the test split and write metrics.json, clips.csv and samples.png into `reports_dir`. With
+    `temporal`, the warping and flicker errors too, the clean clips' flows kept in `flow_cache` (None: not kept)."""
     device = torch.device(device)
     manifest_checksum, clips = read_manifest(data_root)
     test: list[Clip] = [c for c in clips if c.split == "test"]
@@ -109,11 +114,18 @@ def evaluate_model(
     model = model.to(device).eval()
     lpips_metric = LPIPSMetric(device) if use_lpips else LPIPSMetric.disabled("LPIPS turned off in params")
     rows, samples, seconds, frames = [], {}, 0.0, 0
+    flows, temporal_seconds = FlowCache(flow_cache), 0.0
     for clip in progress(test, total=len(test), desc=f"evaluating {model_name}", unit="clip"):
         degraded_np, clean_np = load_clip(data_root, clip)
         degraded = torch.from_numpy(degraded_np).permute(0, 3, 1, 2).to(device)
         clean = torch.from_numpy(clean_np).permute(0, 3, 1, 2)
         row, restored, took = evaluate_clip(model, model_name, degraded, clean, lpips_metric)
+        start = time.perf_counter()
+        if temporal:
+            row.update(clip_errors(restored, degraded, clean, flows.reference(clean)))
+        else:
+            row.update(dict.fromkeys(TEMPORAL_KEYS))
+        temporal_seconds += time.perf_counter() - start
         seconds += took
         frames += degraded.shape[0]
         rows.append({"clip": clip.id, "weather": clip.weather, "source_video": clip.source_video, **row})
@@ -142,6 +154,13 @@ def evaluate_model(
         "clips": len(rows),
         "lpips_note": lpips_metric.reason or None,
         "manifest_checksum": manifest_checksum,
+        "temporal": {
+            "seconds": temporal_seconds,
+            "flows_computed": flows.computed,
+            "flows_reused": flows.reused,
+        }
+        if temporal
+        else None,
     }
     reports_dir.mkdir(parents=True, exist_ok=True)
     (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -206,6 +225,13 @@ def _fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _milli(value: float | None) -> float | None:
+    return None if value is None else 1e3 * value
+
+
+TABLE_TEMPORAL = ("warp_error", "input_warp_error", "clean_warp_error", "flicker_error", "input_flicker_error")
+
+
 def compare_table(metrics_by_model: dict[str, dict[str, Any]]) -> str:
     """reports/compare.md: every evaluated model per weather, with the degraded input as the baseline."""
     lines = [
@@ -213,16 +239,23 @@ def compare_table(metrics_by_model: dict[str, dict[str, Any]]) -> str:
         "",
         "PSNR (dB) and SSIM on RGB in [0, 1], per frame, averaged per clip then per weather; LPIPS (AlexNet) "
         "where its weights are cached. `input` is the degraded clip against the ground truth.",
+        "Temporal errors (lower is better): warp is Lai et al.'s warping error (mean squared difference of each "
+        "frame to the previous one warped by the clean clip's TV-L1 flow, occlusions masked), beside the same figure "
+        "of the input and of the clean clip (the flow's own residual, the floor); flicker is the mean "
+        "|(R_t - R_t-1) - (C_t - C_t-1)|, zero for a clip that changes exactly as the clean one.",
         "",
-        "| model | weather | PSNR | SSIM | LPIPS | input PSNR | input SSIM | params | GFLOPs (10x128²) | frames/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weather | PSNR | SSIM | LPIPS | input PSNR | input SSIM | warp (x1e3) | input warp | clean warp "
+        "| flicker (x1e3) | input flicker | params | GFLOPs (10x128²) | frames/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, metrics in metrics_by_model.items():
         groups = [("overall", metrics["overall"])] + list(metrics["per_weather"].items())
         for weather, row in groups:
             lines.append(
                 f"| {name} | {weather} | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 4)} | {_fmt(row['lpips'], 4)} "
-                f"| {_fmt(row['input_psnr'], 2)} | {_fmt(row['input_ssim'], 4)} | {metrics['params']:,} "
+                f"| {_fmt(row['input_psnr'], 2)} | {_fmt(row['input_ssim'], 4)} | "
+                + " | ".join(_fmt(_milli(row.get(key)), 2) for key in TABLE_TEMPORAL)
+                + f" | {metrics['params']:,} "
                 f"| {metrics['gflops']:.1f} | {metrics['fps']:.1f} |"
             )
     return "\n".join(lines) + "\n"

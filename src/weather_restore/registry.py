@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from weather_restore.data.records import WEATHERS
 from weather_restore.errors import PromotionRefused, RegistryError
 from weather_restore.models.facts import MODELS, by_registered_name
+from weather_restore.temporal import gate_reasons
 from weather_restore.tracking import TELEMETRY_OFF, RunInfo
 
 if TYPE_CHECKING:
@@ -461,9 +462,16 @@ class Gate:
         return "\n".join(fmt(line) for line in (head, *lines))
 
 
-def compare(candidate: ModelVersion, champion: ModelVersion, min_delta: float, weather_tolerance: float) -> Gate:
+def compare(
+    candidate: ModelVersion,
+    champion: ModelVersion,
+    min_delta: float,
+    weather_tolerance: float,
+    temporal_tolerance: float | None = None,
+) -> Gate:
     """The gate: the candidate's test PSNR beats the champion's by at least `min_delta` dB, measured on the same
-    test set (the manifest checksum), and no weather's PSNR drops by more than `weather_tolerance` dB."""
+    test set (the manifest checksum), and no weather's PSNR drops by more than `weather_tolerance` dB; with a
+    `temporal_tolerance`, no weather's warping or flicker error may grow by more than that share (temporal.py)."""
     new, old = candidate.tags, champion.tags
     rows = [Row("overall", _figure(new, "test_psnr"), _figure(old, "test_psnr"), min_delta)]
     rows += [
@@ -500,6 +508,8 @@ def compare(candidate: ModelVersion, champion: ModelVersion, min_delta: float, w
                 f"{row.label} PSNR drops {-row.delta:.2f} dB, more than the {weather_tolerance:.2f} dB allowed "
                 "(registry.weather_tolerance)"
             )
+    figures = [{key: _figure(v.tags, key) for key in v.tags if key.startswith("test_")} for v in (candidate, champion)]
+    reasons += gate_reasons(*figures, WEATHERS, temporal_tolerance)
     return Gate(str(candidate.version), str(champion.version), tuple(rows), test_sets, tuple(reasons))
 
 
@@ -570,7 +580,8 @@ def _record(client: MlflowClient, version: ModelVersion, prefix: str, entry: dic
     history = json.loads(version.tags.get(HISTORY_TAG, "[]"))
     client.set_model_version_tag(version.name, version.version, HISTORY_TAG, json.dumps([*history, entry]))
     # The latest decision as flat tags, to filter versions on (`tags.promotion.decision = 'forced'`).
-    flat = {key: value for key, value in entry.items() if key not in ("deltas", "min_delta", "weather_tolerance")}
+    settings = ("deltas", "min_delta", "weather_tolerance", "temporal_tolerance")
+    flat = {key: value for key, value in entry.items() if key not in settings}
     flat.update({f"delta.{label}": delta for label, delta in entry.get("deltas", {}).items()})
     for key, value in flat.items():
         client.set_model_version_tag(version.name, version.version, f"{prefix}.{key}", str(value))
@@ -583,6 +594,7 @@ def promote(
     *,
     min_delta: float = 0.05,
     weather_tolerance: float = 0.2,
+    temporal_tolerance: float | None = None,
     force: bool = False,
     reason: str | None = None,
     name: str | None = None,
@@ -609,7 +621,7 @@ def promote(
         log.info("%s version %s is the first %s", name, new, CHAMPION)
         return Promotion(name, new, "first", None, None)
 
-    gate = compare(candidate, client.get_model_version(name, old), min_delta, weather_tolerance)
+    gate = compare(candidate, client.get_model_version(name, old), min_delta, weather_tolerance, temporal_tolerance)
     decision = "promoted" if gate.passed else "forced" if force else "refused"
     entry = {
         "decision": decision,
@@ -618,6 +630,7 @@ def promote(
         "deltas": gate.deltas(),
         "min_delta": min_delta,
         "weather_tolerance": weather_tolerance,
+        "temporal_tolerance": temporal_tolerance,
         "reason": reason or "",
     }
     _record(client, candidate, "promotion", entry)

@@ -70,10 +70,10 @@ def make_tiny_video(root: Path, weather: str, scene: int) -> VideoRecord:
 
 @pytest.fixture(scope="session")
 def tiny_mwvd(tmp_path_factory) -> Path:
-    """An MWVD tree of 32x32 frames: per weather 4 train and 2 test clips of 6 frames, split by scene."""
+    """An MWVD tree of 32x32 frames: per weather 4 train, 2 val and 2 test clips of 6 frames, split by scene."""
     root = tmp_path_factory.mktemp("tiny_mwvd")
     videos = [make_tiny_video(root / "videos", w, s) for s in range(4) for w in WEATHERS]
-    cfg = ClipsConfig(clip_len=6, train_per_weather=4, test_per_weather=2, test_fraction=0.25)
+    cfg = ClipsConfig(clip_len=6, train_per_weather=4, val_per_weather=2, test_per_weather=2, test_fraction=0.25)
     write_clips(videos, cfg, root / "mwvd")
     return root / "mwvd"
 
@@ -218,7 +218,7 @@ def tiny_repo(tmp_path) -> Path:
         shutil.copy2(REPO / name, target)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["synthetic"].update(videos_per_weather=3, frames_per_video=20, frame_size=[32, 32])
-    params["data"]["clips"].update(train_per_weather=2, test_per_weather=1)
+    params["data"]["clips"].update(train_per_weather=2, val_per_weather=1, test_per_weather=1)
     params["models"] = TINY_MODELS
     params["training"] = {name: dict(TINY_TRAINING) for name in TINY_MODELS}
     params["evaluation"] = {"max_clips": 0, "lpips": False, "flops_size": [32, 32]}

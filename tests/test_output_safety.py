@@ -32,12 +32,12 @@ TINY_DATA = {
     "data": {
         "workers": 1,
         "synthetic": {
-            "videos_per_weather": 2,
+            "videos_per_weather": 3,
             "frames_per_video": 6,
             "frame_size": [16, 16],
-            "photographs": ["astronaut", "coffee"],
+            "photographs": ["astronaut", "coffee", "chelsea"],
         },
-        "clips": {"clip_len": 3, "train_per_weather": 1, "test_per_weather": 1, "test_fraction": 0.5},
+        "clips": {"clip_len": 3, "train_per_weather": 1, "val_per_weather": 1, "test_per_weather": 1},
     },
     "tracking": {"enabled": False},
 }

@@ -6,6 +6,7 @@ key, the value and what is allowed, instead of silently falling back to a defaul
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,8 +63,9 @@ CountRange = Annotated[tuple[Count, Count], AfterValidator(_ordered)]
 """A closed interval `[low, high]` of whole numbers, at least 1, drawn once per video."""
 
 
-def _rule(field: str, detail: str) -> PydanticCustomError:
-    """A rule between the fields of a section, reported against `field` (the message names the others)."""
+def _rule(field: str | tuple[str, ...], detail: str) -> PydanticCustomError:
+    """A rule between the fields of a section, reported against `field` (a path into a subsection as a tuple;
+    the message names the others)."""
     return PydanticCustomError("section_rule", "{detail}", {"field": field, "detail": detail})
 
 
@@ -156,14 +158,17 @@ class SourceConfig(Section):
 
 
 class ClipsConfig(Section):
-    """How source videos are cut into clips and split into train and test."""
+    """How source videos are cut into clips and split into train, val and test (no source video in two)."""
 
     clip_len: Int = Field(10, ge=1)
     seed: Int = Field(0, ge=0)
-    train_per_weather: Int = Field(12, ge=0)
-    test_per_weather: Int = Field(3, ge=0)
+    train_per_weather: Int = Field(12, ge=0, description="0 = every clip of the training videos")
+    val_per_weather: Int = Field(
+        3, ge=0, description="validation clips carved from the training videos; 0 = those of one video per weather"
+    )
+    test_per_weather: Int = Field(3, ge=0, description="0 = every clip of the test videos")
     test_fraction: Float = Field(0.25, gt=0, lt=1, description="share of source videos sent to test")
-    respect_source_split: bool = Field(True, description="keep a dataset's own train/test assignment")
+    respect_source_split: bool = Field(True, description="keep a dataset's own train/val/test assignment")
 
 
 class DataConfig(Section):
@@ -174,6 +179,31 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     clips: ClipsConfig = ClipsConfig()
     workers: Int = Field(0, ge=0, description="processes for generation and writing; 0 = all cores")
+
+    @model_validator(mode="after")
+    def _enough_videos(self) -> DataConfig:
+        """The generator must film enough videos of each weather to give train, val and test their own."""
+        if self.sources:
+            return self
+        synthetic, clips = self.synthetic, self.clips
+        per_video = synthetic.frames_per_video // clips.clip_len
+        if not per_video:
+            raise _rule(
+                ("synthetic", "frames_per_video"),
+                f"it is shorter than data.clips.clip_len {clips.clip_len}: no video gives a clip; raise it",
+            )
+        targets = (clips.train_per_weather, clips.val_per_weather, clips.test_per_weather)
+        needed = sum(max(math.ceil(target / per_video), 1) for target in targets)
+        distinct = min(synthetic.videos_per_weather, len(synthetic.photographs) or synthetic.videos_per_weather)
+        if distinct < needed:
+            field = "videos_per_weather" if distinct == synthetic.videos_per_weather else "photographs"
+            raise _rule(
+                ("synthetic", field),
+                f"each weather has {distinct} source videos, but train, val and test need {needed} of their own "
+                f"(data.clips train/val/test_per_weather {'/'.join(map(str, targets))} at {per_video} clips per "
+                f"video of {synthetic.frames_per_video} frames): raise it or lower data.clips.*_per_weather",
+            )
+        return self
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -372,10 +402,13 @@ class Params(Section):
     registry: RegistryConfig = RegistryConfig()
 
 
-def _value_at(raw: Any, loc: tuple[Any, ...]) -> Any:
+def _value_at(raw: Any, loc: tuple[Any, ...]) -> str:
+    """` = <value>` of the key at `loc`; empty for a key left at its default (a rule between fields may name one)."""
     for part in loc:
+        if not isinstance(raw, dict | list) or (isinstance(raw, dict) and part not in raw):
+            return ""
         raw = raw[part]
-    return raw
+    return f" = {raw!r}"
 
 
 def _describe(raw: dict[str, Any], key_loc: tuple[Any, ...], errors: list[dict[str, Any]], source: str) -> str:
@@ -392,14 +425,15 @@ def _describe(raw: dict[str, Any], key_loc: tuple[Any, ...], errors: list[dict[s
         if len(error["loc"]) > len(key_loc):  # an item of a list
             reason = f"item {error['loc'][-1]}: {reason}"
         reasons.append(reason)
-    return f"{source}: '{key}' = {_value_at(raw, key_loc)!r} is not allowed: {'; '.join(reasons)}"
+    return f"{source}: '{key}'{_value_at(raw, key_loc)} is not allowed: {'; '.join(reasons)}"
 
 
 def _key_of(error: dict[str, Any]) -> tuple[Any, ...]:
     """The key an error is about: a list's items count as the list; a rule between fields, as its field."""
     loc = tuple(error["loc"])
     if error["type"] == "section_rule":
-        return (*loc, error["ctx"]["field"])
+        field = error["ctx"]["field"]
+        return (*loc, *(field if isinstance(field, tuple) else (field,)))
     if loc and isinstance(loc[-1], int):
         return loc[:-1]
     return loc

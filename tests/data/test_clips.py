@@ -4,11 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weather_restore.config import ClipsConfig
+from weather_restore.config import ClipsConfig, parse_params
 from weather_restore.data.clips import assign_splits, clip_windows, read_manifest, write_clips
 from weather_restore.data.frames import read_frame, write_frame
 from weather_restore.data.records import WEATHERS, VideoRecord
-from weather_restore.errors import ClipError
+from weather_restore.errors import ClipError, ConfigError
 
 
 def make_video(root: Path, video_id: str, weather: str, source_video: str, n_frames: int, split=None, ext=".png"):
@@ -53,21 +53,26 @@ def test_clip_windows_do_not_overlap_and_drop_the_tail():
     assert clip_windows(9, 10) == []
 
 
-def test_no_source_video_is_in_both_splits(tmp_path, videos):
-    cfg = ClipsConfig(clip_len=10, train_per_weather=6, test_per_weather=2)
+def test_train_val_and_test_share_no_source_video(tmp_path, videos):
+    cfg = ClipsConfig(clip_len=10, train_per_weather=6, val_per_weather=2, test_per_weather=2)
     clips = write_clips(videos, cfg, tmp_path / "mwvd")
-    train_sources = {c.source_video for c in clips if c.split == "train"}
-    test_sources = {c.source_video for c in clips if c.split == "test"}
-    assert train_sources and test_sources
-    assert not train_sources & test_sources
+    sources = {split: {c.source_video for c in clips if c.split == split} for split in ("train", "val", "test")}
+    assert all(sources.values())
+    assert not sources["train"] & sources["val"]
+    assert not sources["train"] & sources["test"]
+    assert not sources["val"] & sources["test"]
 
 
 def test_counts_per_weather_are_as_asked(tmp_path, videos):
-    cfg = ClipsConfig(clip_len=10, train_per_weather=6, test_per_weather=2)
+    cfg = ClipsConfig(clip_len=10, train_per_weather=6, val_per_weather=1, test_per_weather=2)
     clips = write_clips(videos, cfg, tmp_path / "mwvd")
     for weather in WEATHERS:
         assert sum(c.weather == weather and c.split == "train" for c in clips) == 6
+        assert sum(c.weather == weather and c.split == "val" for c in clips) == 1
         assert sum(c.weather == weather and c.split == "test" for c in clips) == 2
+    val = sorted(f"{c.id} 10" for c in clips if c.split == "val")
+    assert sorted((tmp_path / "mwvd/meta_info_val.txt").read_text().splitlines()) == val
+    assert sorted(p.name for p in (tmp_path / "mwvd/val/gt").iterdir()) == sorted(line.split()[0] for line in val)
 
 
 def test_too_many_clips_asked_says_how_many_there_are(tmp_path, videos):
@@ -98,8 +103,8 @@ def test_manifest_matches_the_files_on_disk(tmp_path, videos):
 
 
 def test_jpeg_sources_become_png_clips(tmp_path):
-    videos = [make_video(tmp_path / "src", f"{w}/v{s}", w, f"v{s}", 10, ext=".jpg") for s in range(2) for w in WEATHERS]
-    cfg = ClipsConfig(clip_len=10, train_per_weather=1, test_per_weather=1)
+    videos = [make_video(tmp_path / "src", f"{w}/v{s}", w, f"v{s}", 10, ext=".jpg") for s in range(3) for w in WEATHERS]
+    cfg = ClipsConfig(clip_len=10, train_per_weather=1, val_per_weather=1, test_per_weather=1)
     clips = write_clips(videos, cfg, tmp_path / "mwvd")
     frame = tmp_path / "mwvd" / clips[0].split / "input" / clips[0].id / "0000.png"
     assert frame.read_bytes()[:4] == b"\x89PNG"
@@ -115,13 +120,64 @@ def test_split_is_deterministic_by_seed(tmp_path, videos):
     )
 
 
-def test_dataset_split_is_respected_and_conflicts_are_refused(tmp_path):
+def test_dataset_split_is_respected_val_carved_from_its_training_videos(tmp_path):
+    """A dataset without a validation split gives one of its training videos per weather to val, never a test one."""
+    videos = [make_video(tmp_path, f"haze/{s}", "haze", s, 10, split="train") for s in "abc"]
+    videos += [make_video(tmp_path, f"haze/{s}", "haze", s, 10, split="test") for s in "xy"]
+    assignment = assign_splits(videos, ClipsConfig(clip_len=10, val_per_weather=1))
+    assert {s: assignment[s] for s in "xy"} == {"x": "test", "y": "test"}
+    assert sorted(assignment[s] for s in "abc") == ["train", "train", "val"]
+
+
+def test_a_datasets_own_val_split_is_kept_and_nothing_more_is_carved(tmp_path):
+    videos = [
+        make_video(tmp_path, "rain/a", "rain", "a", 10, split="train"),
+        make_video(tmp_path, "rain/b", "rain", "b", 10, split="train"),
+        make_video(tmp_path, "rain/v", "rain", "v", 10, split="val"),
+        make_video(tmp_path, "rain/t", "rain", "t", 10, split="test"),
+    ]
+    assignment = assign_splits(videos, ClipsConfig(clip_len=10, val_per_weather=1))
+    assert assignment == {"a": "train", "b": "train", "v": "val", "t": "test"}
+
+
+def test_a_source_video_in_two_splits_of_its_dataset_is_refused(tmp_path):
     videos = [
         make_video(tmp_path, "haze/a", "haze", "a", 10, split="train"),
-        make_video(tmp_path, "haze/b", "haze", "b", 10, split="test"),
+        make_video(tmp_path, "haze/a2", "haze", "a", 10, split="test"),
     ]
-    assignment = assign_splits(videos, ClipsConfig(clip_len=10, train_per_weather=1, test_per_weather=1))
-    assert assignment == {"a": "train", "b": "test"}
-    conflicting = videos + [make_video(tmp_path, "haze/a2", "haze", "a", 10, split="test")]
-    with pytest.raises(ClipError, match="source video a is in both train and test"):
-        assign_splits(conflicting, ClipsConfig())
+    with pytest.raises(ClipError, match="source video a is in train and test of its dataset"):
+        assign_splits(videos, ClipsConfig())
+
+
+def test_too_few_source_videos_for_three_splits_is_one_line_naming_the_keys(tmp_path):
+    videos = [make_video(tmp_path, f"snow/{s}", "snow", s, 10) for s in "ab"]
+    with pytest.raises(ClipError, match="no clip is left for test .*data.synthetic.videos_per_weather") as error:
+        write_clips(
+            videos,
+            ClipsConfig(clip_len=10, train_per_weather=1, val_per_weather=1, test_per_weather=1),
+            tmp_path / "mwvd",
+        )
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "mwvd").exists()
+
+
+def test_a_generator_too_small_for_three_splits_is_refused_at_the_door():
+    with pytest.raises(
+        ConfigError,
+        match=r"^params.yaml: 'data.synthetic.videos_per_weather' = 2 is not allowed: .*"
+        r"train, val and test need 3 of their own",
+    ) as error:
+        parse_params(
+            {
+                "data": {
+                    "synthetic": {"videos_per_weather": 2},
+                    "clips": {"train_per_weather": 1, "val_per_weather": 1, "test_per_weather": 1},
+                }
+            },
+            "params.yaml",
+        )
+    assert "\n" not in str(error.value)
+    with pytest.raises(
+        ConfigError, match="'data.synthetic.frames_per_video' is not allowed: it is shorter than data.clips.clip_len 40"
+    ):
+        parse_params({"data": {"clips": {"clip_len": 40}}}, "params.yaml")

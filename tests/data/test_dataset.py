@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from weather_restore.config import ClipsConfig
+from weather_restore.data.clips import read_manifest, write_manifest
 from weather_restore.data.dataset import ClipDataset, FrameDataset, TrainingSampler, dihedral, spread_over_weathers
 from weather_restore.data.frames import read_frame
 from weather_restore.errors import DataError
@@ -79,9 +81,30 @@ def test_a_crop_larger_than_the_frames_is_refused(tiny_mwvd):
 
 
 def test_validation_clips_cover_every_weather(tiny_mwvd):
-    dataset = ClipDataset(tiny_mwvd, "test")
+    dataset = ClipDataset(tiny_mwvd, "val")
     chosen = spread_over_weathers(dataset.clips, 3)
     assert sorted(dataset.clips[i].weather for i in chosen) == ["haze", "rain", "snow"]
+
+
+def test_each_split_reads_its_own_folder_and_clips(tiny_mwvd):
+    sets = {split: ClipDataset(tiny_mwvd, split, augment=False) for split in ("train", "val", "test")}
+    assert {split: len(d) for split, d in sets.items()} == {"train": 12, "val": 6, "test": 6}
+    for split, dataset in sets.items():
+        assert {c.split for c in dataset.clips} == {split}
+        sample = dataset[0]
+        np.testing.assert_array_equal(
+            sample["clean"][0].numpy().transpose(1, 2, 0),
+            read_frame(tiny_mwvd / split / "gt" / dataset.clips[0].id / "0000.png"),
+        )
+    frames = FrameDataset(tiny_mwvd, "val", augment=False)
+    assert len(frames) == 6 * 6
+
+
+def test_a_tree_without_val_clips_asks_for_the_split_stage(tiny_mwvd, tmp_path):
+    _, clips = read_manifest(tiny_mwvd)
+    write_manifest([c for c in clips if c.split != "val"], ClipsConfig(clip_len=6), tmp_path)
+    with pytest.raises(DataError, match=r"manifest.json: lists no val clips; rerun `weather-restore split`"):
+        ClipDataset(tmp_path, "val")
 
 
 def take(sampler, n):

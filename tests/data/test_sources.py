@@ -232,7 +232,7 @@ def test_missing_root_and_missing_folders_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with raises_naming(tmp_path / "empty") as error:
         import_mwvd(tmp_path / "empty")
-    assert "train, test" in str(error.value)
+    assert "train, val, test" in str(error.value)
     root = mwvd_tree(tmp_path / "MWVD", {"train": ["haze_0001"]})
     (root / "test" / "input").mkdir(parents=True)
     with raises_naming(root / "test" / "gt"):
@@ -528,17 +528,51 @@ def test_clip_name_prefixes_the_weather_unless_the_id_starts_with_it_exactly():
     assert clip_name(record("rain_0003", "snow"), 0) == "snow_rain_0003_0000"
 
 
-ROUND_TRIP = ClipsConfig(clip_len=3, train_per_weather=0, test_per_weather=0)
+ROUND_TRIP = ClipsConfig(clip_len=3, train_per_weather=0, val_per_weather=0, test_per_weather=0)
+
+
+def mwvd_tree_with_val(root: Path) -> Path:
+    """A published-layout tree with its own validation split, which the clip stage keeps."""
+    clips = {
+        "train": ["haze_0001", "rain_0002", "snow_0003"],
+        "val": ["haze_0011", "rain_0012"],
+        "test": ["rain_0100", "snow_0101"],
+    }
+    return mwvd_tree(root, clips)
+
+
+def hazeworld_tree_of_two_training_videos(root: Path) -> Path:
+    """The raw HazeWorld tree and one more listed training video: one of the two becomes val."""
+    hazeworld_tree(root)
+    write_video(root / "hazy" / "DAVIS" / "cow_210_0.03", HAZE_FRAMES)
+    write_video(root / "gt" / "DAVIS" / "train" / "cow", HAZE_FRAMES)
+    with (root / "train" / "meta_info_GT_train.txt").open("a") as listing:
+        listing.write("DAVIS/cow_210_0.03 4\n")
+    return root
+
+
+def rvsd_tree_of_two_training_videos(root: Path) -> Path:
+    rvsd_tree(root)
+    write_video(root / "train" / "clean" / "scene_3", [f"{k:05d}.jpg" for k in range(1, 7)])
+    write_video(root / "train" / "snowy" / "scene_3", numbered(6, ".png"))
+    return root
+
+
+def folder_pairs_tree_of_two_training_videos(root: Path) -> Path:
+    folder_pairs_tree(root)
+    write_video(root / "Train" / "t2", [f"{k:05d}.jpg" for k in range(1, 5)])
+    write_video(root / "Train_GT" / "t2", [f"{k:05d}.png" for k in range(1, 5)])
+    return root
 
 
 @pytest.mark.parametrize(
     ("kind", "build", "options"),
     [
-        ("mwvd", mwvd_tree, {}),
+        ("mwvd", mwvd_tree_with_val, {}),
         ("rainsynall100", rainsyn_tree, {}),
-        ("hazeworld", hazeworld_tree, {}),
-        ("rvsd", rvsd_tree, {}),
-        ("folders", folder_pairs_tree, {"weather": "rain"}),
+        ("hazeworld", hazeworld_tree_of_two_training_videos, {}),
+        ("rvsd", rvsd_tree_of_two_training_videos, {}),
+        ("folders", folder_pairs_tree_of_two_training_videos, {"weather": "rain"}),
     ],
 )
 def test_every_layout_split_then_imported_as_mwvd_gives_back_the_same_clips(tmp_path, kind, build, options):
@@ -562,7 +596,9 @@ def test_every_layout_split_then_imported_as_mwvd_gives_back_the_same_clips(tmp_
             for frame, original in zip(frames, originals[clip.start : clip.stop], strict=True):
                 np.testing.assert_array_equal(read_frame(frame), read_frame(original))
     splits = {clip.split for clip in written}
-    assert {"train", "test"} <= splits
+    assert splits == {"train", "val", "test"}
+    if kind == "mwvd":  # the dataset's own validation split is kept, and nothing carved from its training clips
+        assert {c.source_video for c in written if c.split == "val"} == {"mwvd/val/haze_0011", "mwvd/val/rain_0012"}
     for split in splits:
         for other in splits - {split}:
             ours = {r.source_video for r in back.values() if r.split == split}

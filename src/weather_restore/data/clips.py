@@ -1,6 +1,6 @@
 """Stage `split`: source videos -> 10-frame clips in the MWVD layout, split by source video, with a manifest.
 
-Output (`<data>/mwvd`): `{train,test}/{input,gt}/<clip>/<NNNN>.png`, `{train,test}/physics/<clip>.npz` where the
+Output (`<data>/mwvd`): `{train,val,test}/{input,gt}/<clip>/<NNNN>.png`, `{split}/physics/<clip>.npz` where the
 source carries physics, `manifest.json`, and the published loader's annotation files `meta_info_{split}.txt`.
 """
 
@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from weather_restore.progress import progress
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[Split, ...] = ("train", "test")
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
 MANIFEST_NAME = "manifest.json"
 # An MWVD folder older than the output marker is recognised by its manifest.
 MANIFEST_KEYS = frozenset({"version", "clip_len", "checksum", "clips"})
@@ -64,10 +64,16 @@ def clip_name(record: VideoRecord, start: int) -> str:
 
 
 def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Split]:
-    """Split by source video: every video of one source lands in the same split.
+    """Split by source video: every video of one source lands in the same split, so train, val and test share none.
 
-    Sources a dataset assigns itself keep their split (when `respect_source_split`). The rest are shuffled with
-    the seed; a `test_fraction` of them go to test, plus more while test still lacks clips of some weather.
+    Sources a dataset assigns itself keep their split (when `respect_source_split`); the rest are free. In turn:
+    - test: the free sources, shuffled with the seed: a `test_fraction` of them, plus more while test still lacks
+      clips of a weather;
+    - val: carved from what is left (the remaining free sources, then the dataset's training sources, each
+      shuffled) while val lacks clips of a weather (`val_per_weather`; 0 = one source per weather). A dataset's
+      own validation split counts first, so a weather it covers takes nothing from training;
+    - train: the rest.
+    A source goes to test or val only if every weather it holds keeps a source for each split still to fill.
     """
     groups: dict[str, list[VideoRecord]] = defaultdict(list)
     for record in records:
@@ -75,49 +81,82 @@ def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Spl
 
     assignment: dict[str, Split] = {}
     free: list[str] = []
+    given_train: list[str] = []
     for source_video, videos in groups.items():
         given = {v.split for v in videos if v.split is not None}
         if len(given) > 1:
             ids = [v.video_id for v in videos]
-            raise ClipError(f"source video {source_video} is in both train and test of its dataset: {ids}")
+            named = " and ".join(split for split in SPLITS if split in given)
+            raise ClipError(f"source video {source_video} is in {named} of its dataset: {ids}")
         if given and cfg.respect_source_split:
-            assignment[source_video] = given.pop()
+            split = given.pop()
+            if split == "train":
+                given_train.append(source_video)
+            else:
+                assignment[source_video] = split
         else:
             free.append(source_video)
 
-    free.sort()
-    order = np.random.default_rng(cfg.seed).permutation(len(free))
-    shuffled = [free[i] for i in order]
-
-    def clips_of(source_video: str) -> dict[str, int]:
-        counts: dict[str, int] = defaultdict(int)
-        for video in groups[source_video]:
-            counts[video.weather] += len(clip_windows(video.n_frames, cfg.clip_len))
-        return counts
-
-    test_have: dict[str, int] = defaultdict(int)
+    clips_of = {source_video: _clip_counts(videos, cfg.clip_len) for source_video, videos in groups.items()}
+    have: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
     for source_video, split in assignment.items():
-        if split == "test":
-            for weather, n in clips_of(source_video).items():
-                test_have[weather] += n
+        have[split].update(clips_of[source_video])
+    # Sources still unassigned that hold each weather: what the later splits can draw on.
+    left: Counter[str] = Counter(w for s in (*free, *given_train) for w in clips_of[s] if clips_of[s][w])
+
+    def spare(source_video: str, later_splits: int) -> bool:
+        return all(left[w] - 1 >= later_splits for w, n in clips_of[source_video].items() if n)
+
+    def take(source_video: str, split: Split) -> None:
+        assignment[source_video] = split
+        have[split].update(clips_of[source_video])
+        left.subtract(w for w, n in clips_of[source_video].items() if n)
+
+    def short(source_video: str, split: Split, target: int) -> bool:
+        return any(have[split][w] < target for w, n in clips_of[source_video].items() if n)
+
+    shuffled = _shuffled(free, cfg.seed)
     minimum_test = math.ceil(cfg.test_fraction * len(shuffled)) if shuffled else 0
-    for position, source_video in enumerate(shuffled):
-        counts = clips_of(source_video)
-        short = any(test_have[w] < cfg.test_per_weather and counts.get(w, 0) > 0 for w in WEATHERS)
-        # Keep at least one free source for train whenever there is more than one.
-        last_for_train = position == len(shuffled) - 1 and len(shuffled) > 1
-        if (position < minimum_test or short) and not last_for_train:
-            assignment[source_video] = "test"
-            for weather, n in counts.items():
-                test_have[weather] += n
-        else:
-            assignment[source_video] = "train"
+    taken = 0
+    for source_video in shuffled:
+        wanted = taken < minimum_test or short(source_video, "test", cfg.test_per_weather)
+        if wanted and spare(source_video, later_splits=2):
+            take(source_video, "test")
+            taken += 1
+    candidates = [s for s in shuffled if s not in assignment] + _shuffled(given_train, cfg.seed + 1)
+    for source_video in candidates:
+        if short(source_video, "val", max(cfg.val_per_weather, 1)) and spare(source_video, later_splits=1):
+            take(source_video, "val")
+    for source_video in candidates:
+        if source_video not in assignment:
+            take(source_video, "train")
+
+    if empty := [split for split in SPLITS if not sum(have[split].values())]:
+        raise ClipError(
+            f"the {len(groups)} source videos cannot give every split one of its own: no clip is left for "
+            f"{' and '.join(empty)} (train, val and test share none). Add source videos (params.yaml "
+            "data.synthetic.videos_per_weather, or data.sources), or set data.clips.respect_source_split: false "
+            "if the datasets' own splits hold them all"
+        )
     return assignment
+
+
+def _clip_counts(videos: list[VideoRecord], clip_len: int) -> Counter[str]:
+    """Clips each weather of one source video can give."""
+    counts: Counter[str] = Counter()
+    for video in videos:
+        counts[video.weather] += len(clip_windows(video.n_frames, clip_len))
+    return counts
+
+
+def _shuffled(names: list[str], seed: int) -> list[str]:
+    ordered = sorted(names)
+    return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
 
 
 def select_clips(records: list[VideoRecord], assignment: dict[str, Split], cfg: ClipsConfig) -> list[Clip]:
     """Take clips per split and weather up to the targets, spread round-robin over the videos."""
-    targets = {"train": cfg.train_per_weather, "test": cfg.test_per_weather}
+    targets = {"train": cfg.train_per_weather, "val": cfg.val_per_weather, "test": cfg.test_per_weather}
     selected: list[Clip] = []
     shortages = []
     for split in SPLITS:
@@ -156,7 +195,7 @@ def select_clips(records: list[VideoRecord], assignment: dict[str, Split], cfg: 
             "the sources cannot supply the clips asked for in params.yaml data.clips "
             f"(clip_len {cfg.clip_len}): "
             + "; ".join(shortages)
-            + ". Lower train_per_weather/test_per_weather (0 = all available) or add videos."
+            + ". Lower train_per_weather/val_per_weather/test_per_weather (0 = all available) or add videos."
         )
     return selected
 
@@ -208,9 +247,7 @@ def write_clips(
         write_marker(tmp, "split")
         args = [(clip, by_id[clip.video_id], tmp) for clip in clips]
         if workers <= 1:
-            checksums = list(
-                progress(map(_write_clip, args), total=len(args), desc="writing clips", unit="clip")
-            )
+            checksums = list(progress(map(_write_clip, args), total=len(args), desc="writing clips", unit="clip"))
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 results = pool.map(_write_clip, args, chunksize=4)

@@ -35,7 +35,10 @@ def load_clips(root: Path, split: Split) -> tuple[str, list[Clip]]:
     checksum, clips = read_manifest(root)
     chosen = [clip for clip in clips if clip.split == split]
     if not chosen:
-        raise DataError(f"{root / MANIFEST_NAME}: lists no {split} clips")
+        raise DataError(
+            f"{root / MANIFEST_NAME}: lists no {split} clips; rerun `weather-restore split` (or `dvc repro split`), "
+            f"which writes train, val and test"
+        )
     return checksum, chosen
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Weather = Literal["haze", "rain", "snow"]
 WEATHERS: tuple[Weather, ...] = ("haze", "rain", "snow")
-Split = Literal["train", "test"]
+Split = Literal["train", "val", "test"]
 
 
 class VideoRecord(BaseModel):

@@ -460,7 +460,8 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
+        hint = " (run from the repository root or pass --params FILE)" if path == DEFAULT_PARAMS else ""
+        raise ConfigError(f"{path}: no such params file{hint}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

@@ -97,7 +97,7 @@ def test_a_parity_failure_fails_the_stage_says_by_how_much_and_removes_the_graph
 
 def test_a_checkpoint_of_the_other_model_is_refused(tiny_mwvd, tmp_path, exportable_models):
     tiny_checkpoint(tmp_path / "dwgn.pt", "dwgn", exportable_models["dwgn"])
-    with pytest.raises(ModelFileError, match="holds a dwgn model, not dynstaticnet"):
+    with pytest.raises(ModelFileError, match="holds a DwGN model, not DynStaticNet"):
         export_model("dynstaticnet", tmp_path / "dwgn.pt", tiny_mwvd, tmp_path / "m.onnx", tmp_path / "e.json", CONFIG)
 
 

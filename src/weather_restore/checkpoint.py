@@ -141,7 +141,10 @@ def load_model(path: Path, map_location: str | torch.device = "cpu", expected: s
             f"{path}: not a training checkpoint (it lacks the model's name, config or weights)"
         ) from None
     if expected is not None and name != expected:
-        raise ModelFileError(f"{path}: holds a {name} model, not {expected}")
+        raise ModelFileError(
+            f"{path}: holds a {_display(name)} model, not {_display(expected)} (use --model {name}, or a {expected} "
+            "model file)"
+        )
     retrain = f"the file is damaged or was edited: retrain it (weather-restore train --model {name} --restart)"
     try:
         model = build_model(name, **config)
@@ -151,9 +154,18 @@ def load_model(path: Path, map_location: str | torch.device = "cpu", expected: s
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError):
         raise ModelFileError(
-            f"{path}: its weights do not fit the {name} of its config ({_misfit(model, weights)}); {retrain}"
+            f"{path}: its weights do not fit a {_display(name)} model of its config ({_misfit(model, weights)}); "
+            f"{retrain}"
         ) from None
     return model.to(map_location).eval()
+
+
+def _display(name: object) -> str:
+    """The paper's name of a model named in a checkpoint (which may name none the project knows)."""
+    from weather_restore.models.facts import MODELS
+
+    facts = MODELS.get(str(name).lower())
+    return facts.display_name if facts else repr(name)
 
 
 def _misfit(model: nn.Module, weights: Any) -> str:

@@ -13,10 +13,11 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from weather_restore import __version__
 from weather_restore.config import DEFAULT_PARAMS, Params, load_params
-from weather_restore.errors import PromotionRefused, WeatherRestoreError
+from weather_restore.errors import ConfigError, PromotionRefused, WeatherRestoreError
 from weather_restore.models.facts import MODEL_NAMES
 
 log = logging.getLogger("weather_restore")
@@ -25,6 +26,13 @@ Command = Callable[[argparse.Namespace, Params], int | None]
 RUNS_WITHOUT_PARAMS = {"restore"}
 PROMOTION_REFUSED = 3
 H264_CRF = (0, 51)  # libx264's quality scale: 0 lossless, 51 worst
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors one line like every other error of the tool (status 2), not usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 # Argument types: every value is checked while parsing, before anything runs or is written.
@@ -258,7 +266,7 @@ def cmd_rollback(args: argparse.Namespace, params: Params) -> None:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="weather-restore",
         description="Train, evaluate, export and promote models that remove rain, haze and snow from video.",
     )
@@ -458,9 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     if args.command == "promote" and args.reason is not None and not args.force:
-        parser.error("promote: --reason is recorded only with --force: add --force, or leave --reason out")
+        parser.exit(2, "weather-restore promote: --reason is recorded only with --force: add --force, or leave it out\n")
     if args.command == "promote" and args.force and not (args.reason or "").strip():
-        parser.error("promote: --force needs --reason TEXT (it is recorded with your user name)")
+        parser.exit(2, "weather-restore promote: --force needs --reason TEXT (it is recorded with your user name)\n")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -474,6 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PromotionRefused as error:  # the gate said no: an answer, not a failure of the tool
         print(f"weather-restore {args.command}: {error}", file=sys.stderr)
         return PROMOTION_REFUSED
+    except ConfigError as error:  # a setting judged by a stage: named in the params file actually read
+        print(f"weather-restore {args.command}: {error.in_file(args.params or DEFAULT_PARAMS)}", file=sys.stderr)
+        return 2
     except WeatherRestoreError as error:
         print(f"weather-restore {args.command}: {error}", file=sys.stderr)
         return 2

@@ -6,7 +6,18 @@ class WeatherRestoreError(Exception):
 
 
 class ConfigError(WeatherRestoreError):
-    """params.yaml (or an override) holds an unknown key, a wrong type or an out-of-range value."""
+    """params.yaml (or the file given with --params) holds an unknown key, a wrong type or an out-of-range value.
+
+    A stage that judges a setting validation cannot (a photograph this machine lacks) names it by `key`, not by
+    file: the CLI, which knows which params file it read, puts that file's name in front (`in_file`)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(f"params.yaml {key}: {message}" if key else message)
+        self.key, self.problem = key, message
+
+    def in_file(self, params_file: object) -> str:
+        """The message, naming `params_file` as the home of `key`."""
+        return f"{params_file}: {self.key}: {self.problem}" if self.key else str(self)
 
 
 class DataError(WeatherRestoreError):

@@ -20,7 +20,7 @@ import numpy as np
 from weather_restore.config import DataConfig, SyntheticConfig
 from weather_restore.data.frames import write_frame
 from weather_restore.data.records import WEATHERS, VideoRecord
-from weather_restore.errors import DataError
+from weather_restore.errors import ConfigError, DataError
 from weather_restore.outputs import atomic_path, check_output_folder, write_marker
 from weather_restore.progress import progress
 
@@ -110,9 +110,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_root: Path, workers: int) -> li
     photographs = cfg.photographs or available
     unknown = sorted(set(photographs) - set(available))
     if unknown:
-        raise DataError(
-            f"params.yaml data.synthetic.photographs: {unknown} are not available; choose from {available}"
-        )
+        raise ConfigError(f"{unknown} are not available; choose from {available}", key="data.synthetic.photographs")
     jobs = synthetic_jobs(cfg, photographs)
     args = [(job, cfg, out_root) for job in jobs]
     if workers <= 1:
@@ -187,7 +185,7 @@ def assemble(cfg: DataConfig, out_root: Path, force: bool = False) -> list[Video
         ids = [r.video_id for r in records]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
-            raise DataError(f"params.yaml data.sources: video ids occur twice: {duplicates[:5]}")
+            raise ConfigError(f"video ids occur twice: {duplicates[:5]}", key="data.sources")
         write_index(records, tmp)
     counts = {w: sum(r.weather == w for r in records) for w in WEATHERS}
     log.info("assembled %d videos into %s (%s)", len(records), out_root, counts)

@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     if args.command == "promote" and args.reason is not None and not args.force:
-        parser.exit(2, "weather-restore promote: --reason is recorded only with --force: add --force, or leave it out\n")
+        parser.exit(2, "weather-restore promote: --reason is recorded only with --force: add --force or leave it out\n")
     if args.command == "promote" and args.force and not (args.reason or "").strip():
         parser.exit(2, "weather-restore promote: --force needs --reason TEXT (it is recorded with your user name)\n")
     logging.basicConfig(

@@ -256,7 +256,7 @@ def compare_table(metrics_by_model: dict[str, dict[str, Any]]) -> str:
                 f"| {_fmt(row['input_psnr'], 2)} | {_fmt(row['input_ssim'], 4)} | "
                 + " | ".join(_fmt(_milli(row.get(key)), 2) for key in TABLE_TEMPORAL)
                 + f" | {metrics['params']:,} "
-                f"| {metrics['gflops']:.1f} | {metrics['fps']:.1f} |"
+                f"| {_fmt(metrics['gflops'], 1)} | {metrics['fps']:.1f} |"
             )
     return "\n".join(lines) + "\n"
 

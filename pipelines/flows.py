@@ -1,11 +1,14 @@
 """Prefect flows over the DVC pipeline: DVC decides what is stale and caches; Prefect schedules, retries, reports.
 
     python -m pipelines.flows                      # the whole pipeline, Prefect's ephemeral mode
-    python -m pipelines.flows --models dwgn --set training.dwgn.iterations=50 --promote
+    python -m pipelines.flows --models dwgn --promote
+    python -m pipelines.flows --models dwgn --set training.dwgn.iterations=50   # a DVC experiment
 
-Each task runs one DVC stage (`dvc repro <stage>`) and streams DVC's and the stage's output into the Prefect
-log, so an unchanged stage is skipped by DVC's cache and a failed stage fails the flow with its own message.
-Stages of one repository run one after the other: DVC holds a lock on the repository while it runs.
+Each task runs one DVC stage and what it depends on, asking DVC (`dvc status`) which of them are stale and
+running those (`dvc repro --single-item`), and streams DVC's and the stage's output into the Prefect log: an
+unchanged stage is skipped, a failed stage fails the flow with its own message. Stages of one repository run one
+after the other: DVC holds a lock on the repository while it runs. Overrides (`--set`) never touch params.yaml:
+they run as one `dvc exp run --temp --set-param` experiment beside the workspace.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import argparse
 import json
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,9 @@ def _environment() -> dict[str, str]:
     return {**os.environ, **QUIET_ENV, "PATH": path}
 
 
-def stream(cmd: list[str], cwd: Path, timeout_s: float | None = None) -> tuple[int, list[str]]:
+def stream(
+    cmd: list[str], cwd: Path, timeout_s: float | None = None, env: dict[str, str] | None = None
+) -> tuple[int, list[str]]:
     """Run a command, sending each output line to the Prefect log as it comes; kill it past `timeout_s`.
 
     The command runs in its own process group, and a timeout (or a cancelled or interrupted flow) kills the whole
@@ -69,7 +74,7 @@ def stream(cmd: list[str], cwd: Path, timeout_s: float | None = None) -> tuple[i
     process = subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=_environment(),
+        env={**_environment(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -114,22 +119,91 @@ def _failure(cmd: list[str], code: int, output: list[str]) -> StageFailed:
     return StageFailed(f"`{' '.join(cmd)}` failed (exit {code}):\n{tail}")
 
 
+def _dvc_json(args: list[str], repo: Path) -> Any:
+    """A DVC command's `--json` answer."""
+    done = subprocess.run(["dvc", *args, "--json"], cwd=repo, env=_environment(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StageFailed(f"`dvc {' '.join(args)} --json` failed (exit {done.returncode}): {done.stderr.strip()}")
+    return json.loads(done.stdout or "{}")
+
+
+def pipeline_of(stage: str, repo: Path) -> list[str]:
+    """`stage` and every stage it depends on, dependencies first (`train@dwgn` for a foreach item), from DVC."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        return [found.addressing for found in dvc.stage.collect(stage, with_deps=True)]
+
+
+def is_stale(stage: str, repo: Path) -> bool:
+    """Whether DVC would run `stage` now (`dvc status <stage>` lists it): a dependency, parameter or output of it
+    changed since dvc.lock recorded it, or it never ran."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        return bool(dvc.status(targets=[stage]))
+
+
+def pipeline_stages(repo: Path) -> set[str]:
+    """Every stage DVC finds in the repository, so the flow follows the pipeline."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        return {found.addressing for found in dvc.index.stages}
+
+
 @task(name="dvc-repro", task_run_name="dvc repro {stage}")
 def repro(stage: str, repo: str, timeout_s: float | None = None, single_item: bool = False) -> StageResult:
     """`dvc repro <stage>`: runs the stage and whatever it depends on, if stale; skips it otherwise.
-    `single_item`: the stage alone, its dependencies taken as they are."""
-    cmd = ["dvc", "repro", *(["--single-item"] if single_item else []), stage]
+    `single_item`: the stage alone, its dependencies taken as they are.
+
+    The stages run one by one, dependencies first, each after asking DVC whether it is stale, so what ran and
+    what was skipped is DVC's own answer."""
+    root = Path(repo)
+    result = StageResult(stage=stage)
     start = time.monotonic()
-    code, output = stream(cmd, Path(repo), timeout_s)
+    for name in [stage] if single_item else pipeline_of(stage, root):
+        if not is_stale(name, root):
+            result.skipped.append(name)
+            continue
+        cmd = ["dvc", "repro", "--single-item", name]
+        left = None if timeout_s is None else max(timeout_s - (time.monotonic() - start), 1.0)
+        code, output = stream(cmd, root, left)
+        if code != 0:
+            raise _failure(cmd, code, output)
+        result.ran.append(name)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+@task(name="dvc-exp-run", task_run_name="dvc exp run {name}")
+def experiment(
+    name: str, targets: list[str], overrides: dict[str, Any], repo: str, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """`dvc exp run --temp --set-param ...`: the stages as one DVC experiment named `name`, run in a temporary
+    copy of the repository, so the workspace (params.yaml, dvc.lock, outputs) stays as it is; its MLflow runs go
+    to the workspace's store. Returns the experiment's params and metrics as `dvc exp show` has them."""
+    root = Path(repo)
+    settings = [f"--set-param={key}={json.dumps(value)}" for key, value in overrides.items()]
+    cmd = ["dvc", "exp", "run", "--temp", "--name", name, *settings, *targets]
+    code, output = stream(cmd, root, timeout_s, {"MLFLOW_TRACKING_URI": _tracking_uri(root)})
     if code != 0:
         raise _failure(cmd, code, output)
-    text = "\n".join(output)
-    return StageResult(
-        stage=stage,
-        ran=re.findall(r"Running stage '([^']+)'", text),
-        skipped=re.findall(r"Stage '([^']+)' didn't change, skipping", text),
-        seconds=time.monotonic() - start,
-    )
+    for baseline in _dvc_json(["exp", "show", "--no-fetch"], root):
+        for found in baseline.get("experiments") or []:
+            if found.get("name") == name:
+                return found["revs"][0]["data"]
+    raise StageFailed(f"dvc exp show does not list the experiment {name} that `{' '.join(cmd)}` ran")
+
+
+def _tracking_uri(root: Path) -> str:
+    """The workspace's MLflow store, made ready (experiment and artifact folder) before a copy logs into it."""
+    from weather_restore.config import load_params
+    from weather_restore.tracking import prepare, tracking_uri
+
+    params = load_params(root / "params.yaml")
+    prepare(params.tracking, root)
+    return tracking_uri(params.tracking, root)
 
 
 @task(name="weather-restore", task_run_name="weather-restore {args}")
@@ -144,48 +218,21 @@ def cli(
     return code, "\n".join(output)
 
 
-@task(name="set-params")
-def set_params(overrides: dict[str, Any], repo: str) -> dict[str, Any]:
-    """Write dotted overrides (`training.dwgn.iterations: 50`) into params.yaml, after validating the result.
-
-    Comments and order are kept (ruamel round trip), and DVC then records the values in dvc.lock, as
-    `dvc exp run --set-param` would.
-    """
-    from ruamel.yaml import YAML
+def check_overrides(overrides: dict[str, Any], repo: Path) -> None:
+    """Validate dotted overrides (`training.dwgn.iterations: 50`) against params.yaml, which stays as it is."""
+    import yaml
 
     from weather_restore.config import parse_params
-    from weather_restore.outputs import atomic_path
 
-    path = Path(repo) / "params.yaml"
-    yaml = YAML()
-    document = yaml.load(path.read_text())
+    path = repo / "params.yaml"
+    document = yaml.safe_load(path.read_text())
     for dotted, value in overrides.items():
         node = document
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    plain = json.loads(json.dumps(document, default=list))
-    parse_params(plain, f"{path} with overrides {overrides}")
-    with atomic_path(path) as temporary, open(temporary, "w") as handle:
-        yaml.dump(document, handle)
-    get_run_logger().info("params.yaml updated: %s", overrides)
-    return overrides
-
-
-def pipeline_stages(repo: Path) -> set[str]:
-    """Stage names defined in dvc.yaml (`train@dwgn` for foreach stages), so the flow follows the pipeline."""
-    import yaml
-
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    names = set()
-    for name, stage in stages.items():
-        items = stage.get("foreach") if isinstance(stage, dict) else None
-        if isinstance(items, list):
-            names.update(f"{name}@{item}" for item in items)
-        else:
-            names.add(name)
-    return names
+    parse_params(document, f"{path} with overrides {overrides}")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -193,8 +240,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def registry_state(repo: Path, model: str) -> str:
-    """`DwGN v4 from run 0a1b...; champion v3`: the newest registry version made from the model's MLflow run
-    (models/<model>/run.json) and the version the `champion` alias points at, read from the registry itself."""
+    """`DwGN v4 from run 0a1b...; champion v3; gate: ...`: the newest registry version made from the model's MLflow
+    run (models/<model>/run.json), the version the `champion` alias points at and the promotion gate's verdict on
+    the newest version (its `promotion.gate` tag, when promote judged it), read from the registry itself."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -204,13 +252,17 @@ def registry_state(repo: Path, model: str) -> str:
     name = MODELS[model].registered_name
     client = MlflowClient(run["tracking_uri"])
     ours = client.search_model_versions(f"name = '{name}' and run_id = '{run['run_id']}'")
-    newest = max((int(version.version) for version in ours), default=None)
+    newest = max(ours, key=lambda version: int(version.version), default=None)
     try:
         champion = f"v{client.get_model_version_by_alias(name, 'champion').version}"
     except MlflowException:
         champion = "none"
-    made = f"{name} v{newest} from run {run['run_id']}" if newest else f"no {name} version from run {run['run_id']}"
-    return f"{made}; champion {champion}"
+    if newest is None:
+        return f"no {name} version from run {run['run_id']}; champion {champion}"
+    gate = newest.tags.get("promotion.gate")
+    return f"{name} v{newest.version} from run {run['run_id']}; champion {champion}" + (
+        f"; gate: {gate}" if gate else ""
+    )
 
 
 def summary_markdown(repo: Path, models: list[str], stages: list[StageResult], decisions: dict[str, str]) -> str:
@@ -251,39 +303,48 @@ def weather_pipeline(
     unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_NAMES)}")
-    root = str(Path(repo).resolve())
+    root = Path(repo).resolve()
+    defined = pipeline_stages(root)
+    per_model = [stage for model in models for stage in (f"evaluate@{model}", f"export@{model}") if stage in defined]
     if params:
-        set_params(params, root)
-    defined = pipeline_stages(Path(root))
-    results = [repro("split", root, stage_timeout_s)]
+        if promote:
+            raise ValueError(
+                "overrides run as a DVC experiment beside the workspace, and promote registers what the workspace "
+                "holds: run the overrides, `dvc exp apply` the experiment, then run again with promote"
+            )
+        check_overrides(params, root)
+        # `compare` would train the models left out of the experiment: it runs only when they are all in.
+        whole = set(models) == set(MODEL_NAMES) and "compare" in defined
+        name = f"flow-{datetime.now():%Y%m%d-%H%M%S}"
+        targets = [*(f"train@{model}" for model in models), *per_model, *(["compare"] if whole else [])]
+        found = experiment(name, targets, params, str(root), train_timeout_s)
+        markdown = f"DVC experiment `{name}` with {params}: `dvc exp show`, `dvc exp apply {name}`\n"
+        create_markdown_artifact(markdown=markdown, key="weather-pipeline", description="the experiment run")
+        return {"experiment": {"name": name, **found}, "stages": [], "decisions": {}}
+
+    results = [repro("split", str(root), stage_timeout_s)]
     train = repro.with_options(retries=train_retries, retry_delay_seconds=10)
     for model in models:
-        results.append(train(f"train@{model}", root, train_timeout_s))
-        for stage in (f"evaluate@{model}", f"export@{model}"):
-            if stage in defined:
-                results.append(repro(stage, root, stage_timeout_s))
+        results.append(train(f"train@{model}", str(root), train_timeout_s))
+        results += [repro(stage, str(root), stage_timeout_s) for stage in per_model if stage.endswith(f"@{model}")]
     if "compare" in defined:
         # `dvc repro compare` would train and evaluate the models left out of this run: compare only the
         # metrics those already have, or skip the table until they have some.
         others = [model for model in MODEL_NAMES if model not in models]
-        missing = [model for model in others if not (Path(root) / "reports" / model / "metrics.json").is_file()]
+        missing = [model for model in others if not (root / "reports" / model / "metrics.json").is_file()]
         if missing:
             get_run_logger().info("compare skipped: no reports/<model>/metrics.json yet for %s", missing)
         else:
-            results.append(repro("compare", root, stage_timeout_s, single_item=bool(others)))
+            results.append(repro("compare", str(root), stage_timeout_s, single_item=bool(others)))
     decisions: dict[str, str] = {}
     if promote:
         for model in models:
-            cli(["register", "--model", model], root, timeout_s=stage_timeout_s)
-            # The gate refusing a version (exit 3) is a decision, not a failure of the run.
-            code, verdict = cli(["promote", "--model", model], root, allowed_codes=(0, 3), timeout_s=stage_timeout_s)
-            lines = [line for line in verdict.splitlines() if line.strip()]
-            # A refusal prints its reasons first, then the gate's table; a promotion ends with what it did.
-            said = [line for line in lines if line.startswith("weather-restore promote:")][:1] or lines[-1:]
-            decisions[model] = "; ".join(
-                [f"{'promoted' if code == 0 else 'refused'}: {registry_state(Path(root), model)}", *said]
-            )
-    markdown = summary_markdown(Path(root), models, results, decisions)
+            cli(["register", "--model", model], str(root), timeout_s=stage_timeout_s)
+            # The gate refusing a version (exit 3) is a decision, not a failure of the run; its reasons are
+            # recorded on the version, where registry_state reads them.
+            code, _ = cli(["promote", "--model", model], str(root), allowed_codes=(0, 3), timeout_s=stage_timeout_s)
+            decisions[model] = f"{'promoted' if code == 0 else 'refused'}: {registry_state(root, model)}"
+    markdown = summary_markdown(root, models, results, decisions)
     create_markdown_artifact(markdown=markdown, key="weather-pipeline", description="models compared per weather")
     return {"stages": [asdict(r) for r in results], "decisions": decisions}
 
@@ -315,7 +376,9 @@ def evaluate_champions(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the weather-restore pipeline flow (Prefect).")
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (YAML)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (YAML): a DVC experiment"
+    )
     parser.add_argument("--promote", action="store_true", help="register and promote behind the gate")
     parser.add_argument("--repo", default=".")
     args = parser.parse_args(argv)

@@ -42,10 +42,11 @@ import numpy as np
 import torch
 
 from weather_restore.checkpoint import save_checkpoint
-from weather_restore.inference import TILE, TILE_OVERLAP, WINDOW, WINDOW_STRIDE, LoadedModel, load_restorer, tile_starts
+from weather_restore.model_loading import LoadedModel, load_restorer
 from weather_restore.models import build_model
 from weather_restore.models.facts import MODEL_NAMES, model_facts
 from weather_restore.restore import restore
+from weather_restore.windows import TILE, TILE_OVERLAP, WINDOW, WINDOW_STRIDE, tile_starts
 
 OUTPUT = Path("reports/bench/restore.json")
 CACHE = Path(tempfile.gettempdir()) / "weather-restore-bench"

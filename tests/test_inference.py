@@ -1,4 +1,5 @@
-"""Windowed and tiled forward passes, and loading every model kind (PyTorch checkpoint, ONNX, registry)."""
+"""Windowed and tiled forward passes (windows.py), and loading every model kind: PyTorch checkpoint, ONNX, registry
+(model_loading.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,17 @@ from torch import nn
 
 from weather_restore.checkpoint import save_checkpoint
 from weather_restore.errors import ConfigError, ModelFileError
-from weather_restore.inference import (
+from weather_restore.model_loading import LoadedModel, load_restorer
+from weather_restore.models import build_model
+from weather_restore.windows import (
     WINDOW,
-    LoadedModel,
-    load_restorer,
+    WINDOW_STRIDE,
     mirror_index,
     restore_frames,
     temporal_weights,
     tile_starts,
     tiled_forward,
-    window_starts,
 )
-from weather_restore.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +46,12 @@ def identity(name: str, calls: list | None = None) -> LoadedModel:
 
 
 # --- Windows over time -----------------------------------------------------------------------------------------
+
+
+def window_starts(count: int) -> range:
+    """Where restore_frames starts its windows: the first before frame 0, so that frame 0 sits where later frames
+    sit (covered by WINDOW / WINDOW_STRIDE windows), the frames before it mirrored in."""
+    return range(WINDOW_STRIDE - WINDOW, count, WINDOW_STRIDE)
 
 
 @pytest.mark.parametrize("count", [1, 3, 9, 10, 11, 23])

@@ -20,7 +20,7 @@ from weather_restore.config import ExportConfig, ExportExporters
 from weather_restore.data.frames import write_frame
 from weather_restore.errors import DataError, ExportError, OutputError
 from weather_restore.export import export_model
-from weather_restore.inference import LoadedModel
+from weather_restore.model_loading import LoadedModel
 from weather_restore.models import build_model
 from weather_restore.outputs import MARKER_NAME, partial_path
 from weather_restore.restore import restore

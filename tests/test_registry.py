@@ -27,7 +27,7 @@ from weather_restore.data.clips import read_manifest
 from weather_restore.errors import PromotionRefused, RegistryError
 from weather_restore.evaluate import evaluate_model, log_evaluation
 from weather_restore.export import export_model, log_export
-from weather_restore.inference import load_restorer
+from weather_restore.model_loading import load_restorer
 from weather_restore.registry import compare, connect, promote, register, rollback
 from weather_restore.tracking import RunInfo, read_run_info, write_run_info
 from weather_restore.train import train

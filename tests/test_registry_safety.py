@@ -27,7 +27,7 @@ from torch import nn
 from weather_restore.cli import main
 from weather_restore.errors import RegistryError
 from weather_restore.export import log_export
-from weather_restore.inference import load_registered, load_restorer
+from weather_restore.model_loading import load_registered, load_restorer
 from weather_restore.tracking import RunInfo, write_run_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from weather_restore.checkpoint import save_checkpoint
 from weather_restore.cli import main
 from weather_restore.data.frames import write_frame
 from weather_restore.errors import DataError, OutputError
-from weather_restore.inference import LoadedModel, load_restorer
+from weather_restore.model_loading import LoadedModel, load_restorer
 from weather_restore.models import build_model
 from weather_restore.outputs import MARKER_NAME
 from weather_restore.restore import restore

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from weather_restore.export import log_export
-from weather_restore.inference import load_restorer
+from weather_restore.model_loading import load_restorer
 from weather_restore.models.facts import MODELS
 from weather_restore.registry import connect, promote, register
 from weather_restore.tracking import RunInfo, write_run_info

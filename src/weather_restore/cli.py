@@ -197,7 +197,7 @@ def cmd_compare(args: argparse.Namespace, params: Params) -> None:
 def cmd_restore(args: argparse.Namespace, params: Params) -> None:
     import torch
 
-    from weather_restore.inference import load_restorer
+    from weather_restore.model_loading import load_restorer
     from weather_restore.restore import restore
     from weather_restore.tracking import tracking_uri
 

@@ -189,7 +189,7 @@ def load_for_evaluation(
     """The model to evaluate: a registry or run URI of an ONNX model `model_name` (run by ONNX Runtime; any other
     format is refused unloaded), or a training checkpoint."""
     if model_uri:
-        from weather_restore.inference import OnnxModule, load_registered
+        from weather_restore.model_loading import OnnxModule, load_registered
 
         return OnnxModule(load_registered(model_uri, tracking_uri, model_name, str(device)))
     from weather_restore.checkpoint import load_model

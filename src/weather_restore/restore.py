@@ -1,6 +1,6 @@
 """Restore a user's footage: a video file, a folder of frames or one image, with any kind of model.
 
-Frames stream through: decoded one by one, restored as soon as their window is complete (inference.restore_frames:
+Frames stream through: decoded one by one, restored as soon as their window is complete (windows.restore_frames:
 sliding windows for DynStaticNet, tiles for any size), encoded right away, so memory depends on the frame size,
 never on the length. The output takes shape under a temporary sibling name and is renamed when complete; on any
 error or interrupt the temporary goes away and nothing appears under the final name. An existing output is
@@ -23,17 +23,10 @@ from PIL import Image
 
 from weather_restore.data.frames import FRAME_SUFFIXES, check_same_sizes, list_frames, read_frame, to_uint8
 from weather_restore.errors import DataError
-from weather_restore.inference import (
-    TILE,
-    TILE_OVERLAP,
-    WINDOW_STRIDE,
-    LoadedModel,
-    check_tiling,
-    restore_frames,
-    temporal_weights,
-)
+from weather_restore.model_loading import LoadedModel
 from weather_restore.outputs import atomic_path, check_output_file, check_output_folder, write_marker
 from weather_restore.progress import progress
+from weather_restore.windows import TILE, TILE_OVERLAP, WINDOW_STRIDE, check_tiling, restore_frames, temporal_weights
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from weather_restore.models.facts import MODEL_NAMES, model_facts
@@ -15,5 +14,11 @@ __all__ = ["MODEL_NAMES", "build_model"]
 
 def build_model(name: str, **options: Any) -> nn.Module:
     """Build the model called `name` (case-insensitive) with its constructor options, e.g. dim=24."""
-    facts = model_facts(name)
-    return getattr(import_module(f"{__name__}.{facts.name}"), facts.display_name)(**options)
+    # Imported here, each model only when asked for: a stage runs (and DVC tracks) its own model's file alone.
+    if model_facts(name).name == "dynstaticnet":
+        from weather_restore.models.dynstaticnet import DynStaticNet
+
+        return DynStaticNet(**options)
+    from weather_restore.models.dwgn import DwGN
+
+    return DwGN(**options)

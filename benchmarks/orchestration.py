@@ -12,7 +12,7 @@ itself ran, so that the overhead splits into
     DVC     = time of the `dvc repro` subprocesses - time of the stage commands  (start-up, hashing, locks, skips)
 
 The ephemeral server's start-up is timed on its own, with a flow that does nothing, before the pipeline runs.
-`--params tiny` (default) is the tests' tiny repository (tests/conftest.py: 32x32 frames, models of a few thousand
+`--params tiny` (default) is a tiny setting like the tests' tiny repository (32x32 frames, models of a few thousand
 parameters, 6 iterations; about two minutes here); `--params quickstart` the repository's own params.yaml (20+
 minutes on a 2-core CPU); a path, any params file.
 """
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from weather_restore.models.facts import MODEL_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
@@ -56,14 +58,27 @@ def time_stage(log: str, stage: str, command: list[str]) -> int:
     return code
 
 
-def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The params of the tests' `tiny_repo` fixture."""
-    from tests.conftest import TINY_MODELS, TINY_TRAINING
+# A tiny setting like the tests' tiny repository (tests/conftest.py), kept here: a benchmark never imports the tests.
+TINY_MODELS = {
+    "dynstaticnet": {"dim": 8, "blocks": [1, 1, 1], "refinement_blocks": 1, "heads": [1, 1, 1], "refinement_heads": 1},
+    "dwgn": {
+        "dim": 16,
+        "head_dim": 16,
+        "window": 4,
+        "encoder_blocks": [1, 0, 0],
+        "bottleneck_blocks": 0,
+        "decoder_blocks": [0, 0, 1],
+    },
+}
+TINY_TRAINING = {"iterations": 6, "batch_size": 2, "crop": 16, "clip_frames": 3, "lr": 1e-3, "workers": 0}
 
+
+def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
+    """32x32 frames, 3 videos per weather, models of a few thousand parameters, 6 iterations."""
     params["data"]["synthetic"].update(videos_per_weather=3, frames_per_video=20, frame_size=[32, 32])
-    params["data"]["clips"].update(train_per_weather=2, test_per_weather=1)
+    params["data"]["clips"].update(train_per_weather=2, val_per_weather=1, test_per_weather=1)
     params["models"] = TINY_MODELS
-    params["training"] = {name: dict(TINY_TRAINING) for name in TINY_MODELS}
+    params["training"] = {name: {**TINY_TRAINING, "checkpoint_every": 3, "validate_every": 3} for name in TINY_MODELS}
     params["evaluation"] = {"max_clips": 0, "lpips": False, "flops_size": [32, 32]}
     return params
 
@@ -168,10 +183,10 @@ def main() -> None:
     if sys.argv[1:2] == ["--time-stage"]:
         log, stage, *command = sys.argv[2:]
         sys.exit(time_stage(log, stage, command))
-    sys.path.insert(0, str(ROOT))  # pipelines/ and tests/ (the tiny params), when run as a script
+    sys.path.insert(0, str(ROOT))  # pipelines/, when run as a script
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="tiny", help="tiny (default), quickstart, or a params file")
-    parser.add_argument("--models", nargs="+", default=["dynstaticnet", "dwgn"])
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "orchestration.json")
     args = parser.parse_args()
     if args.params not in ("tiny", "quickstart"):

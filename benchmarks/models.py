@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weather_restore.export import median_seconds
 from weather_restore.metrics import count_flops
 from weather_restore.models import build_model
 from weather_restore.models.facts import MODEL_NAMES, model_facts
@@ -44,27 +43,22 @@ REFERENCE = {
 }
 
 
-def median_seconds(run: Callable[[], object], repeats: int = REPEATS) -> float:
+def warm_median(run: Callable[[], object], repeats: int = REPEATS) -> float:
     """Median wall time of `run` after one warm-up call."""
     run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(run, repeats)
 
 
 def matmul_gflops(size: int = 2048) -> float:
     """The machine's float32 matmul rate now (GFLOP/s), the yardstick for 'fraction of peak'."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=5) / 1e9
+    return 2 * size**3 / warm_median(lambda: a @ b, repeats=5) / 1e9
 
 
 def forward_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        return median_seconds(lambda: model(inputs))
+        return warm_median(lambda: model(inputs))
 
 
 def step_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
@@ -79,7 +73,7 @@ def step_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
         loss.backward()
         optimizer.step()
 
-    return median_seconds(step, repeats=1)
+    return warm_median(step, repeats=1)
 
 
 def count_on_meta(name: str, shape: tuple[int, ...]) -> dict:

@@ -90,3 +90,17 @@ def test_random_states_survive_a_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_use_names_the_weights_file_and_a_best_of_another_training_is_refused(tmp_path):
+    from weather_restore.checkpoint import trained_weights
+
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model_name": "dwgn", "training_id": "a"})
+    assert trained_weights(tmp_path, "last") == tmp_path / "checkpoint.pt"
+    with pytest.raises(ModelFileError, match=r"best.pt: no such file \(training.<model>.use: best\)"):
+        trained_weights(tmp_path, "best")
+    save_checkpoint(tmp_path / "best.pt", {"model_name": "dwgn", "training_id": "a"})
+    assert trained_weights(tmp_path, "best") == tmp_path / "best.pt"
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model_name": "dwgn", "training_id": "b"})  # restarted since
+    with pytest.raises(ModelFileError, match=r"the best weights of another training"):
+        trained_weights(tmp_path, "best")

@@ -9,6 +9,7 @@ models of its own name, except the CLI's, which owns `DynStaticNet` and `DwGN`.
 import getpass
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ import yaml
 
 from weather_restore.checkpoint import load_model
 from weather_restore.cli import main
-from weather_restore.config import ExportConfig, parse_params
+from weather_restore.config import parse_params
 from weather_restore.data.clips import read_manifest
 from weather_restore.errors import PromotionRefused, RegistryError
-from weather_restore.evaluate import evaluate_model, log_evaluation
-from weather_restore.export import export_model, log_export
+from weather_restore.evaluate import evaluate_stage
+from weather_restore.export import export_stage
 from weather_restore.model_loading import load_restorer
 from weather_restore.registry import compare, connect, promote, register, rollback
 from weather_restore.tracking import RunInfo, read_run_info, write_run_info
@@ -37,6 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 MODELS = ("dynstaticnet", "dwgn")
 TEST_SET = hashlib.sha256(b"test set a").hexdigest()
 OTHER_TEST_SET = hashlib.sha256(b"test set b").hexdigest()
+WEIGHTS, OTHER_WEIGHTS = hashlib.sha256(b"best.pt").hexdigest(), hashlib.sha256(b"checkpoint.pt").hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +94,26 @@ def trained(server, tiny_mwvd, tiny_params_dict, exportable_models, tmp_path_fac
     project = tmp_path_factory.mktemp("trained") / "project"
     commit = git_project(project)
     write_params(project)
+    (project / "data").mkdir()
+    (project / "data" / "mwvd").symlink_to(tiny_mwvd)  # the project's default test set
     result = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for model in MODELS:
-            params = parse_params({**tiny_params_dict(model, tracking=True), "models": exportable_models})
+            params = parse_params(
+                {
+                    **tiny_params_dict(model, tracking=True),
+                    "models": exportable_models,
+                    "evaluation": {"lpips": False, "flops_size": [32, 32], "temporal": False},
+                    "export": {"latency_repeats": 1},
+                }
+            )
             out, reports = project / "models" / model, project / "reports" / model
             train(model, params, data_root=tiny_mwvd, out_dir=out, reports_dir=reports, project_root=project)
-            metrics = evaluate_model(
-                load_model(out / "checkpoint.pt"), model, tiny_mwvd, reports, use_lpips=False, flops_size=(32, 32)
-            )
-            log_evaluation(out / "run.json", metrics, reports)
-            onnx_path, report_path = out / "model.onnx", reports / "export.json"
-            report = export_model(
-                model, out / "checkpoint.pt", tiny_mwvd, onnx_path, report_path, ExportConfig(latency_repeats=1)
-            )
-            log_export(out / "run.json", report, onnx_path, report_path)
+            # The stages as the CLI runs them, on the training's own weights (best.pt) and default test set.
+            evaluate_stage(model, params, project)
+            export_stage(model, params, project)
             result[model] = Trained(project, commit, read_run_info(out / "run.json"))
     finally:
         torch.set_num_threads(threads)
@@ -132,6 +137,7 @@ def evaluated_run(server, exported_models):
         test_set: str | None = TEST_SET,
         extra_metrics: dict[str, float] | None = None,
         exported: bool = True,
+        weights: tuple[str, str] = (WEIGHTS, WEIGHTS),
     ) -> RunInfo:
         with mlflow.start_run(experiment_id=experiment) as run:
             if exported:  # what export.log_export leaves in the run (its figures are extra_metrics here)
@@ -146,6 +152,8 @@ def evaluated_run(server, exported_models):
                 mlflow.log_metrics({**metrics, **(extra_metrics or {})})
             if test_set is not None:
                 mlflow.set_tag("test.manifest_checksum", test_set)
+            # What evaluate and export record of the weights file they read: the same one, unless told otherwise.
+            mlflow.set_tags({"test.weights_sha256": weights[0], "export.weights_sha256": weights[1]})
         return RunInfo(model=model, run_id=run.info.run_id, experiment_id=experiment, tracking_uri=server)
 
     return make
@@ -167,6 +175,10 @@ def runs(evaluated_run) -> dict[str, RunInfo]:
         "other_test_set": evaluated_run("dwgn", 26.0, {"haze": 26, "rain": 26, "snow": 26}, OTHER_TEST_SET),
         "unevaluated": evaluated_run("dwgn", None, {}, test_set=None),
         "unexported": evaluated_run("dwgn", 25.0, {"haze": 25.0, "rain": 25.0, "snow": 25.0}, exported=False),
+        # Better figures, but measured on other weights than the ones exported (and so registered).
+        "other_weights": evaluated_run(
+            "dwgn", 26.0, {"haze": 26, "rain": 26, "snow": 26}, weights=(OTHER_WEIGHTS, WEIGHTS)
+        ),
     }
 
 
@@ -346,6 +358,54 @@ def test_a_version_measured_on_another_test_set_is_refused(runs, client):
     assert champion_of("test-set", client) == {"champion": base}
 
 
+def test_a_version_whose_metrics_are_of_other_weights_than_its_model_is_refused(runs, client):
+    base, other = registered(client, "evidence", runs, "base", "other_weights")
+    assert client.get_model_version("evidence", other).tags["export.weights_sha256"] == WEIGHTS
+    promote("dwgn", client, base, name="evidence")
+    with pytest.raises(PromotionRefused) as refused:
+        promote("dwgn", client, other, name="evidence")
+    reasons = str(refused.value).splitlines()[0]
+    assert (
+        f"other weights: version {other}'s test metrics were measured on weights {OTHER_WEIGHTS[:12]}…, its model "
+        f"was exported from {WEIGHTS[:12]}…" in reasons
+    )
+    assert "gain" not in reasons  # figures of other weights are not compared
+    assert champion_of("evidence", client) == {"champion": base}
+    # Nor does it become the first champion of a model of its own.
+    registered(client, "evidence-first", runs, "other_weights")
+    with pytest.raises(PromotionRefused, match=r"\(the first\): other weights"):
+        promote("dwgn", client, name="evidence-first")
+    assert champion_of("evidence-first", client) == {}
+
+
+def test_evaluating_other_weights_or_data_leaves_the_training_run_unchanged(
+    trained, client, exported_models, tiny_mwvd, tmp_path, monkeypatch, capsys
+):
+    project, run_id = trained["dwgn"].project, trained["dwgn"].info.run_id
+    before = client.get_run(run_id).data
+    assert before.tags["test.weights_sha256"] == before.tags["export.weights_sha256"]
+    assert before.tags["weights.use"] == "best"
+    other_data = tmp_path / "other-mwvd"
+    shutil.copytree(tiny_mwvd, other_data)
+    monkeypatch.chdir(project)
+    other = exported_models["dwgn"]["pt"]
+    best = project / "models" / "dwgn" / "best.pt"
+    for args, weights, data in (
+        (["--checkpoint", str(other)], other, tiny_mwvd),
+        (["--data", str(other_data)], best, other_data),
+    ):
+        assert main(["evaluate", "--model", "dwgn", "--out", str(tmp_path / "reports"), *args]) == 0
+        said = capsys.readouterr().out
+        assert ", not the training's: it evaluated " in said
+        new_run = client.get_run(said.split("logged into a new MLflow run ")[1].split(",")[0])
+        assert new_run.data.tags["evaluated.weights"] == str(weights.resolve())
+        assert new_run.data.tags["evaluated.sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert new_run.data.tags["evaluated.data"] == str(data.resolve())
+        assert "test_psnr" in new_run.data.metrics and new_run.info.status == "FINISHED"
+        after = client.get_run(run_id).data
+        assert (after.metrics, after.tags) == (before.metrics, before.tags)
+
+
 def test_a_weather_regression_beyond_tolerance_is_refused_despite_the_overall_gain(runs, client):
     base, regressed = registered(client, "weather", runs, "base", "rain_regressed")
     promote("dwgn", client, base, name="weather")
@@ -427,7 +487,7 @@ def test_the_cli_registers_promotes_refuses_and_rolls_back_and_the_champion_load
 
     probe = torch.rand(*SHAPES[model], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = load_model(project / "models" / model / "checkpoint.pt")(probe).numpy()
+        expected = load_model(project / "models" / model / "best.pt")(probe).numpy()
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     np.testing.assert_allclose(pyfunc.predict(probe.numpy())["restored"], expected, atol=1e-4)
     restorer = load_restorer(f"models:/{name}@champion", tracking_uri=client.tracking_uri)

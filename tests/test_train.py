@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from weather_restore.checkpoint import load_checkpoint, save_checkpoint
+from weather_restore.checkpoint import load_checkpoint, load_model, save_checkpoint
 from weather_restore.config import parse_params
-from weather_restore.data.dataset import ClipDataset, FrameDataset
+from weather_restore.data.dataset import ClipDataset, FrameDataset, spread_over_weathers
 from weather_restore.errors import ModelFileError, TrainingError
 from weather_restore.losses import LOSSES
 from weather_restore.models import build_model
-from weather_restore.train import train, train_step
+from weather_restore.train import input_psnr, train, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +81,29 @@ def test_training_writes_checkpoint_curves_and_validation(tiny_mwvd, tmp_path, t
     assert {"optimizer", "scheduler", "scaler", "rng", "sampler", "config_hash"} <= state.keys()
 
 
+def test_validation_reads_the_val_split_only_and_keeps_the_best_weights(tiny_mwvd, tmp_path, tiny_params_dict):
+    data = tmp_path / "mwvd"
+    shutil.copytree(tiny_mwvd, data)
+    shutil.rmtree(data / "test")  # a test split that cannot be read: training must not need it
+    summary = run_train(tiny_params_dict("dwgn", ema_decay=0.5), "dwgn", data, tmp_path)
+
+    val_set = ClipDataset(data, "val", frames=2, augment=False)
+    samples = [val_set[i] for i in spread_over_weathers(val_set.clips, 2)]
+    assert {sample["clip_id"] for sample in samples} <= {c.id for c in val_set.clips}
+    assert summary.val_input_psnr == pytest.approx(input_psnr(samples), abs=1e-9)
+    rows = read_rows(tmp_path / "reports/dwgn/validation.csv")
+    best_row = max(rows, key=lambda row: float(row["val_psnr"]))
+    best = load_checkpoint(tmp_path / "models/dwgn/best.pt")
+    assert best["iteration"] == int(best_row["iteration"]) == summary.best_iteration
+    assert best["val_psnr"] == pytest.approx(float(best_row["val_psnr"]), abs=1e-4)
+    # best.pt holds the EMA's weights, which `load_model` of the last checkpoint also returns
+    last = load_checkpoint(tmp_path / "models/dwgn/checkpoint.pt")
+    shipped = load_model(tmp_path / "models/dwgn/checkpoint.pt").state_dict()
+    assert all(torch.equal(shipped[name], tensor) for name, tensor in last["ema"]["weights"].items())
+    if best["iteration"] == last["iteration"]:
+        assert all(torch.equal(best["model"][name], tensor) for name, tensor in last["ema"]["weights"].items())
+
+
 def test_running_a_finished_training_again_starts_afresh(tiny_mwvd, tmp_path, tiny_params_dict):
     params = tiny_params_dict("dwgn", iterations=2, checkpoint_every=1)
     run_train(params, "dwgn", tiny_mwvd, tmp_path)
@@ -131,7 +155,7 @@ def cli(*args: str) -> list[str]:
 def test_a_training_killed_mid_way_resumes_to_the_same_weights(tiny_mwvd, tmp_path, tiny_params_dict):
     params = write_params(
         tmp_path / "params.yaml",
-        tiny_params_dict("dwgn", iterations=40, checkpoint_every=4, validate_every=20, workers=1),
+        tiny_params_dict("dwgn", iterations=40, checkpoint_every=4, validate_every=4, workers=1, ema_decay=0.9),
     )
     env = {**os.environ, "WEATHER_RESTORE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
@@ -173,6 +197,14 @@ def test_a_training_killed_mid_way_resumes_to_the_same_weights(tiny_mwvd, tmp_pa
     assert resumed["iteration"] == 40
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), f"{name} differs after resuming at {killed_at}"
+    # The EMA resumes with the checkpoint, bit for bit, and so does the choice of best.pt (EMA weights).
+    assert whole["ema"]["updates"] == resumed["ema"]["updates"] == 40
+    for name, tensor in whole["ema"]["weights"].items():
+        assert torch.equal(tensor, resumed["ema"]["weights"][name]), f"EMA {name} differs after resuming"
+    whole_best, cut_best = (load_checkpoint(tmp_path / run / "models" / "best.pt") for run in ("whole", "cut"))
+    assert (cut_best["iteration"], cut_best["val_psnr"]) == (whole_best["iteration"], whole_best["val_psnr"])
+    assert all(torch.equal(tensor, cut_best["model"][name]) for name, tensor in whole_best["model"].items())
+    assert not all(torch.equal(whole["ema"]["weights"][name], t) for name, t in whole["model"].items())
     whole_losses = [r["loss"] for r in read_rows(tmp_path / "whole" / "reports" / "train.csv")]
     cut_losses = [r["loss"] for r in read_rows(tmp_path / "cut" / "reports" / "train.csv")]
     assert cut_losses == whole_losses

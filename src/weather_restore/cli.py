@@ -23,7 +23,7 @@ from weather_restore.models.facts import MODEL_NAMES
 log = logging.getLogger("weather_restore")
 
 Command = Callable[[argparse.Namespace, Params], int | None]
-RUNS_WITHOUT_PARAMS = {"restore"}
+RUNS_WITHOUT_PARAMS = {"restore", "score"}
 PROMOTION_REFUSED = 3
 H264_CRF = (0, 51)  # libx264's quality scale: 0 lossless, 51 worst
 
@@ -112,7 +112,8 @@ def cmd_train(args: argparse.Namespace, params: Params) -> None:
     )
     if summary.main:
         gain = (
-            f", validation PSNR {summary.val_psnr:.2f} dB (input {summary.val_input_psnr:.2f} dB)"
+            f", validation PSNR {summary.val_psnr:.2f} dB (input {summary.val_input_psnr:.2f} dB; best "
+            f"{summary.best_val_psnr:.2f} dB at iteration {summary.best_iteration})"
             if summary.val_psnr is not None
             else ""
         )
@@ -124,66 +125,39 @@ def cmd_train(args: argparse.Namespace, params: Params) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
-    import torch
+    from weather_restore.evaluate import evaluate_stage
 
-    from weather_restore.evaluate import evaluate_model, load_for_evaluation, log_evaluation
-
-    model_dir = Path("models") / args.model
-    out = args.out or Path("reports") / args.model
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from weather_restore.tracking import tracking_uri
-
-    checkpoint = args.checkpoint or model_dir / "checkpoint.pt"
-    uri = tracking_uri(params.tracking, Path.cwd())
-    model = load_for_evaluation(args.model, checkpoint, args.model_uri, device, uri)
-    cfg = params.evaluation
-    metrics = evaluate_model(
-        model,
+    result = evaluate_stage(
         args.model,
-        args.data or params.data.root / "mwvd",
-        out,
-        max_clips=cfg.max_clips,
-        use_lpips=cfg.lpips,
-        flops_size=tuple(cfg.flops_size),
-        device=device,
-        temporal=cfg.temporal,
-        flow_cache=params.data.root / "flows",
+        params,
+        Path("."),
+        checkpoint=args.checkpoint,
+        model_uri=args.model_uri,
+        data=args.data,
+        out=args.out,
     )
-    run_json = model_dir / "run.json"
-    if not args.model_uri and params.tracking.enabled and run_json.is_file():
-        log_evaluation(run_json, metrics, out)
-    overall = metrics["overall"]
+    metrics, overall = result.metrics, result.metrics["overall"]
     print(
         f"{args.model}: test PSNR {overall['psnr']:.2f} dB (input {overall['input_psnr']:.2f}), SSIM "
         f"{overall['ssim']:.4f} (input {overall['input_ssim']:.4f}) over {metrics['clips']} clips; "
-        f"{metrics['fps']:.1f} frames/s on {metrics['device']}; wrote {out}/metrics.json"
+        f"{metrics['fps']:.1f} frames/s on {metrics['device']}; wrote {result.reports_dir}/metrics.json; "
+        f"{result.logged}"
     )
 
 
 def cmd_export(args: argparse.Namespace, params: Params) -> None:
-    from weather_restore.export import export_model, log_export
+    from weather_restore.export import export_stage
 
-    model_dir = Path("models") / args.model
-    onnx_path = args.out or model_dir / "model.onnx"
-    report_path = args.report or Path("reports") / args.model / "export.json"
-    report = export_model(
-        args.model,
-        args.checkpoint or model_dir / "checkpoint.pt",
-        args.data or params.data.root / "mwvd",
-        onnx_path,
-        report_path,
-        params.export,
+    result = export_stage(
+        args.model, params, Path("."), checkpoint=args.checkpoint, data=args.data, out=args.out, report=args.report
     )
-    run_json = model_dir / "run.json"
-    if params.tracking.enabled and run_json.is_file() and not args.checkpoint:
-        log_export(run_json, report, onnx_path, report_path)
-    latency = report["latency"]
+    report, latency = result.report, result.report["latency"]
     print(
-        f"exported {args.model} to {onnx_path} ({report['exporter']}, opset {report['opset']}, "
-        f"{report['export_seconds']:.0f} s); parity on test clip {report['clip']}: max |difference| "
-        f"{report['max_abs_diff']:.2e}, PSNR difference {report['psnr_diff_db']:.5f} dB; latency per input "
-        f"{tuple(latency['input'])}: PyTorch {latency['pytorch_s']:.3f} s, "
-        f"ONNX Runtime {latency['onnxruntime_s']:.3f} s"
+        f"exported {args.model} ({result.weights['weights']}) to {result.onnx_path} ({report['exporter']}, opset "
+        f"{report['opset']}, {report['export_seconds']:.0f} s); parity on test clip {report['clip']}: max "
+        f"|difference| {report['max_abs_diff']:.2e}, PSNR difference {report['psnr_diff_db']:.5f} dB; latency per "
+        f"input {tuple(latency['input'])}: PyTorch {latency['pytorch_s']:.3f} s, ONNX Runtime "
+        f"{latency['onnxruntime_s']:.3f} s; {result.logged}"
     )
 
 
@@ -207,6 +181,9 @@ def cmd_restore(args: argparse.Namespace, params: Params) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_restorer(args.model, args.checkpoint, device, tracking_uri(params.tracking, Path.cwd()), args.threads)
+    from weather_restore.quality import check_report_path
+
+    report = args.report and check_report_path(args.report, [args.input, args.output], args.force)
     summary = restore(
         args.input,
         args.output,
@@ -224,6 +201,24 @@ def cmd_restore(args: argparse.Namespace, params: Params) -> None:
         f"restored {summary.frames} frames ({summary.width}x{summary.height}) with {summary.model} "
         f"({summary.backend}) in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s) -> {summary.output}{notes}"
     )
+    if report:
+        _score(args.input, args.output, report, args.report_every)
+
+
+def _score(input_path: Path, output_path: Path, report: Path | None, every: int) -> None:
+    from weather_restore.quality import report_line, score_footage, write_report
+
+    scores = score_footage(input_path, output_path, every)
+    if report:
+        write_report(scores, report)
+    print(report_line(scores) + (f"; wrote {report}" if report else ""))
+
+
+def cmd_score(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.quality import check_report_path
+
+    report = args.report and check_report_path(args.report, [args.input, args.output], args.force)
+    _score(args.input, args.output, report, args.report_every)
 
 
 def _registry_client(params: Params):
@@ -421,6 +416,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "a video or image); still refused: the input itself, a folder holding the input, the current or home "
         "folder, a folder under a file's name",
     )
+    report_help = (
+        "also write a JSON report of no-reference quality: NIQE per frame of the input and the output, and the mean "
+        "change between frames (flicker); lower is better for both"
+    )
+    p.add_argument("--report", type=Path, help=report_help)
+    p.add_argument("--report-every", type=_whole_number(1), default=1, help="NIQE of every N-th frame only")
+    p = add(
+        "score",
+        cmd_score,
+        "no-reference quality of a restored video against its input (NIQE, flicker), without ground truth",
+        "Reads INPUT and OUTPUT (a video, folder of frames or image each; OUTPUT may be a --compare video) and prints "
+        "NIQE (Mittal et al. 2013, pristine model fitted on the built-in clean footage) and the mean frame-to-frame "
+        "change of both; --report writes them per frame as JSON.",
+    )
+    p.add_argument("input", type=Path, help="the footage as it was")
+    p.add_argument("output", type=Path, help="the footage restored from it")
+    p.add_argument("--report", type=Path, help="the JSON report to write")
+    p.add_argument("--report-every", type=_whole_number(1), default=1, help="NIQE of every N-th frame only")
+    p.add_argument("--force", action="store_true", help="replace a --report file weather-restore did not write")
     store = "the store named by MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     p = add(
         "register",

@@ -11,7 +11,9 @@ import copy
 import csv
 import json
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from weather_restore.config import Params
 from weather_restore.data.clips import Clip, load_clip, read_manifest
 from weather_restore.data.frames import to_uint8
 from weather_restore.data.records import WEATHERS
@@ -183,6 +186,11 @@ def evaluate_model(
     return metrics
 
 
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_for_evaluation(
     model_name: str, checkpoint: Path, model_uri: str | None, device: torch.device, tracking_uri: str | None = None
 ) -> nn.Module:
@@ -197,28 +205,165 @@ def load_for_evaluation(
     return load_model(checkpoint, device, expected=model_name)
 
 
-def log_evaluation(run_json: Path, metrics: dict[str, Any], reports_dir: Path) -> None:
+def logged_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures of metrics.json as MLflow metrics: `test_<key>` overall, `test_<key>_<weather>`, fps, GFLOPs."""
+    flat = {f"test_{key}": value for key, value in metrics["overall"].items() if value is not None}
+    for weather, row in metrics["per_weather"].items():
+        flat.update({f"test_{key}_{weather}": value for key, value in row.items() if value is not None})
+    flat["test_fps"] = metrics["fps"]
+    if metrics["gflops"] is not None:
+        flat["gflops"] = metrics["gflops"]
+    return flat
+
+
+REPORT_FILES = ("metrics.json", "clips.csv", "samples.png")
+
+
+def log_evaluation(
+    run_json: Path, metrics: dict[str, Any], reports_dir: Path, weights: dict[str, str] | None = None
+) -> str:
     """Log test metrics (overall and per weather) and the report files into the training's MLflow run, without
-    reopening it (killed here, the run keeps the status its training left); a rerun logs only what changed."""
+    reopening it (killed here, the run keeps the status its training left); a rerun logs only what changed. Tags
+    the run with the test set and, from `weights` (`sha256`, `use`), the weights measured: the evidence the
+    promotion gate checks. Only for an evaluation of the training's own weights on the default test set."""
     import mlflow
 
     from weather_restore.errors import ModelFileError
-    from weather_restore.tracking import log_changed_metrics, read_run_info
+    from weather_restore.tracking import (
+        TEST_SET_TAG,
+        TESTED_WEIGHTS_TAG,
+        WEIGHTS_USE_TAG,
+        log_changed_metrics,
+        read_run_info,
+    )
 
     info = read_run_info(run_json)
     if info.run_id is None:
         raise ModelFileError(f"{run_json}: the training was not tracked (tracking.enabled: false)")
-    flat = {f"test_{key}": value for key, value in metrics["overall"].items() if value is not None}
-    for weather, row in metrics["per_weather"].items():
-        flat.update({f"test_{key}_{weather}": value for key, value in row.items() if value is not None})
-    flat.update(test_fps=metrics["fps"], gflops=metrics["gflops"])
     client = mlflow.MlflowClient(tracking_uri=info.tracking_uri)
-    log_changed_metrics(client, info.run_id, flat)
-    # The promotion gate compares test PSNRs only when both versions were measured on the same test set.
-    client.set_tag(info.run_id, "test.manifest_checksum", metrics["manifest_checksum"])
-    for name in ("metrics.json", "clips.csv", "samples.png"):
+    log_changed_metrics(client, info.run_id, logged_metrics(metrics))
+    # The promotion gate compares test PSNRs only when both versions were measured on the same test set, each on
+    # the weights it registered.
+    client.set_tag(info.run_id, TEST_SET_TAG, metrics["manifest_checksum"])
+    if weights is not None:
+        client.set_tag(info.run_id, TESTED_WEIGHTS_TAG, weights["sha256"])
+        client.set_tag(info.run_id, WEIGHTS_USE_TAG, weights["use"])
+    for name in REPORT_FILES:
         client.log_artifact(info.run_id, str(reports_dir / name), artifact_path="evaluation")
     log.info("logged the evaluation to MLflow run %s", info.run_id)
+    return info.run_id
+
+
+def log_other_evaluation(
+    params: Params,
+    project_root: Path,
+    model_name: str,
+    metrics: dict[str, Any],
+    reports_dir: Path,
+    evaluated: dict[str, str],
+) -> str:
+    """Log an evaluation that is not of a training's own weights on its default test set into a new, finished run
+    of its own, tagged `evaluated.*` with what it measured (weights file and hash or model URI, data, test set);
+    returns the run's id. It never touches a training's run."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    from weather_restore import tracking
+
+    experiment_id = tracking.prepare(params.tracking, project_root)
+    client = mlflow.MlflowClient()
+    tags = {"model": model_name, "stage": "evaluate", **{f"evaluated.{key}": value for key, value in evaluated.items()}}
+    tags["evaluated.manifest_checksum"] = metrics["manifest_checksum"]
+    run = client.create_run(experiment_id, run_name=f"evaluate {model_name}", tags=tags)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in logged_metrics(metrics).items()],
+        tags=[RunTag("mlflow.runName", f"evaluate {model_name}")],
+    )
+    for name in REPORT_FILES:
+        client.log_artifact(run.info.run_id, str(reports_dir / name), artifact_path="evaluation")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` measured (metrics.json's figures), of which weights, where it wrote the reports and where
+    it logged them (a sentence)."""
+
+    metrics: dict[str, Any]
+    reports_dir: Path
+    evaluated: dict[str, str]
+    logged: str
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def evaluate_stage(
+    model_name: str,
+    params: Params,
+    project_root: Path,
+    *,
+    checkpoint: Path | None = None,
+    model_uri: str | None = None,
+    data: Path | None = None,
+    out: Path | None = None,
+) -> Evaluation:
+    """The stage: evaluate the weights `training.<model>.use` names in `<project>/models/<model>` (or `checkpoint`,
+    or the registry's `model_uri`) on the test split of `data` (default `<data.root>/mwvd`), on CUDA when present;
+    write the reports into `out` (default `reports/<model>`) and log them.
+
+    Only an evaluation of the training's own weights on the default test set logs into the training's MLflow run
+    (its test metrics and tags are the evidence `register` copies and the gate checks). Any other evaluation logs
+    into a new run of its own, tagged with what it evaluated, so it never rewrites a training's evidence."""
+    from weather_restore.checkpoint import WEIGHTS_FILES, file_sha256, load_model, trained_weights
+    from weather_restore.tracking import RUN_INFO_NAME, tracking_uri
+
+    project_root = Path(project_root)
+    model_dir = project_root / "models" / model_name
+    default_data = project_root / params.data.root / "mwvd"
+    data_root = Path(data) if data is not None else default_data
+    out = Path(out) if out is not None else project_root / "reports" / model_name
+    use = getattr(params.training, model_name).use
+    device = default_device()
+    if model_uri:
+        model = load_for_evaluation(model_name, Path(), model_uri, device, tracking_uri(params.tracking, project_root))
+        evaluated, own = {"model_uri": model_uri}, False
+    else:
+        path = Path(checkpoint) if checkpoint is not None else trained_weights(model_dir, use)
+        own = checkpoint is None or _same_path(path, model_dir / WEIGHTS_FILES[use])
+        model = load_model(path, device, expected=model_name)
+        evaluated = {"weights": str(path.resolve()), "sha256": file_sha256(path), "use": use if own else "other"}
+    own = own and _same_path(data_root, default_data)
+    evaluated["data"] = str(data_root.resolve())
+    cfg = params.evaluation
+    metrics = evaluate_model(
+        model,
+        model_name,
+        data_root,
+        out,
+        max_clips=cfg.max_clips,
+        use_lpips=cfg.lpips,
+        flops_size=tuple(cfg.flops_size),
+        device=device,
+        temporal=cfg.temporal,
+        flow_cache=project_root / params.data.root / "flows",
+    )
+    run_json = model_dir / RUN_INFO_NAME
+    if not params.tracking.enabled:
+        logged = "not logged to MLflow (tracking.enabled: false)"
+    elif own and run_json.is_file():
+        logged = f"logged into the training's MLflow run {log_evaluation(run_json, metrics, out, evaluated)}"
+    elif own:
+        logged = f"not logged to MLflow: no training run recorded ({run_json} is missing)"
+    else:
+        what = model_uri or f"{evaluated['weights']} on {data_root}"
+        run_id = log_other_evaluation(params, project_root, model_name, metrics, out, evaluated)
+        logged = f"logged into a new MLflow run {run_id}, not the training's: it evaluated {what}"
+    return Evaluation(metrics, out, evaluated, logged)
 
 
 def _fmt(value: float | None, digits: int) -> str:

@@ -15,6 +15,7 @@ import logging
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weather_restore.config import ExportConfig
+from weather_restore.config import ExportConfig, Params
 from weather_restore.data.clips import load_clip, read_manifest
 from weather_restore.errors import DataError, ExportError, ModelFileError
 from weather_restore.metrics import psnr
@@ -234,15 +235,18 @@ def export_model(
     return report
 
 
-def log_export(run_json: Path, report: dict[str, Any], onnx_path: Path, report_path: Path) -> str:
+def log_export(
+    run_json: Path, report: dict[str, Any], onnx_path: Path, report_path: Path, weights: dict[str, str] | None = None
+) -> str:
     """Log the ONNX model (with its signature), the parity and latency figures into the training's MLflow run,
-    without reopening it (killed here, the run keeps the status its training left); returns the model's URI."""
+    without reopening it (killed here, the run keeps the status its training left); returns the model's URI.
+    `weights` (`sha256`, `use`) says which of the training's weights files the model was exported from."""
     import mlflow
     import onnx
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from weather_restore.tracking import log_changed_metrics, read_run_info
+    from weather_restore.tracking import EXPORTED_WEIGHTS_TAG, WEIGHTS_USE_TAG, log_changed_metrics, read_run_info
 
     info = read_run_info(run_json)
     if info.run_id is None:
@@ -271,9 +275,64 @@ def log_export(run_json: Path, report: dict[str, Any], onnx_path: Path, report_p
         },
     )
     client.log_artifact(info.run_id, str(report_path), artifact_path="export")
+    if weights is not None:
+        client.set_tag(info.run_id, EXPORTED_WEIGHTS_TAG, weights["sha256"])
+        client.set_tag(info.run_id, WEIGHTS_USE_TAG, weights["use"])
     client.set_tag(info.run_id, "onnx_model_uri", logged.model_uri)
     log.info("logged the ONNX model to MLflow run %s: %s", info.run_id, logged.model_uri)
     return logged.model_uri
+
+
+@dataclass(frozen=True)
+class Export:
+    """What `export` wrote, from which weights, and where it logged the model (a sentence)."""
+
+    report: dict[str, Any]
+    onnx_path: Path
+    report_path: Path
+    weights: dict[str, str]
+    logged: str
+
+
+def export_stage(
+    model_name: str,
+    params: Params,
+    project_root: Path,
+    *,
+    checkpoint: Path | None = None,
+    data: Path | None = None,
+    out: Path | None = None,
+    report: Path | None = None,
+) -> Export:
+    """The stage: export the weights `training.<model>.use` names in `<project>/models/<model>` (or `checkpoint`)
+    to `out` (default `models/<model>/model.onnx`), prove it on the first test clip of `data`, and log the model
+    into the training's MLflow run, which `register` then registers. A `checkpoint` other than the training's own
+    weights is exported but logged nowhere: the run's model must be the one its test metrics were measured on."""
+    from weather_restore.checkpoint import WEIGHTS_FILES, file_sha256, trained_weights
+    from weather_restore.tracking import RUN_INFO_NAME
+
+    project_root = Path(project_root)
+    model_dir = project_root / "models" / model_name
+    use = getattr(params.training, model_name).use
+    path = Path(checkpoint) if checkpoint is not None else trained_weights(model_dir, use)
+    own = checkpoint is None or path.resolve() == (model_dir / WEIGHTS_FILES[use]).resolve()
+    weights = {"weights": str(path), "sha256": file_sha256(path), "use": use if own else "other"}
+    onnx_path = Path(out) if out is not None else model_dir / "model.onnx"
+    report_path = Path(report) if report is not None else project_root / "reports" / model_name / "export.json"
+    data_root = Path(data) if data is not None else project_root / params.data.root / "mwvd"
+    result = export_model(model_name, path, data_root, onnx_path, report_path, params.export)
+    run_json = model_dir / RUN_INFO_NAME
+    if not params.tracking.enabled:
+        logged = "not logged to MLflow (tracking.enabled: false)"
+    elif not own:
+        logged = f"not logged to MLflow: {path} is not the training's {WEIGHTS_FILES[use]} (training.{model_name}.use)"
+    elif not run_json.is_file():
+        logged = f"not logged to MLflow: no training run recorded ({run_json} is missing)"
+    else:
+        logged = (
+            f"logged to the training's MLflow run as {log_export(run_json, result, onnx_path, report_path, weights)}"
+        )
+    return Export(result, onnx_path, report_path, weights, logged)
 
 
 def _version(package: str) -> str:

@@ -27,7 +27,14 @@ from weather_restore.data.records import WEATHERS
 from weather_restore.errors import PromotionRefused, RegistryError
 from weather_restore.models.facts import MODELS, by_registered_name
 from weather_restore.temporal import gate_reasons
-from weather_restore.tracking import TELEMETRY_OFF, RunInfo
+from weather_restore.tracking import (
+    EXPORTED_WEIGHTS_TAG,
+    TELEMETRY_OFF,
+    TEST_SET_TAG,
+    TESTED_WEIGHTS_TAG,
+    WEIGHTS_USE_TAG,
+    RunInfo,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -38,7 +45,6 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
-TEST_SET_TAG = "test.manifest_checksum"
 HISTORY_TAG = "history"
 # Written into the training's run by the export stage; copied into the version when present.
 ONNX_METRICS = ("onnx_max_abs_diff", "onnx_psnr_diff_db", "onnx_latency_s", "pytorch_latency_s")
@@ -48,6 +54,9 @@ RUN_TAGS = {
     "git_dirty": "git_dirty",
     "data.manifest_checksum": "data.manifest_checksum",
     TEST_SET_TAG: TEST_SET_TAG,
+    TESTED_WEIGHTS_TAG: TESTED_WEIGHTS_TAG,
+    EXPORTED_WEIGHTS_TAG: EXPORTED_WEIGHTS_TAG,
+    WEIGHTS_USE_TAG: WEIGHTS_USE_TAG,
 }
 # Set on the training's run by `export.log_export`: the URI of the ONNX model it logged, what `register` registers.
 ONNX_MODEL_TAG = "onnx_model_uri"
@@ -281,6 +290,8 @@ def describe(model: str, run: Run) -> str:
         text += f"; per weather: {', '.join(weathers)} dB"
     if TEST_SET_TAG in tags:
         text += f"; test manifest {tags[TEST_SET_TAG][:12]}"
+    if WEIGHTS_USE_TAG in tags:
+        text += f"; the {tags[WEIGHTS_USE_TAG]} weights of the training"
     return text + "."
 
 
@@ -462,6 +473,31 @@ class Gate:
         return "\n".join(fmt(line) for line in (head, *lines))
 
 
+def evidence_problem(version: ModelVersion, required: bool) -> str | None:
+    """Why a version's test metrics are not evidence about its registered model, or None: they must have been
+    measured on the very weights file its ONNX model was exported from (`test.weights_sha256` equal to
+    `export.weights_sha256`, both set by the stages on the training's own weights). With `required`, a version
+    that does not record both is refused too."""
+    tested, exported = version.tags.get(TESTED_WEIGHTS_TAG), version.tags.get(EXPORTED_WEIGHTS_TAG)
+    if tested is None or exported is None:
+        if not required:
+            return None
+        missing = " and ".join(
+            tag for tag, value in ((TESTED_WEIGHTS_TAG, tested), (EXPORTED_WEIGHTS_TAG, exported)) if value is None
+        )
+        return (
+            f"unknown weights: version {version.version} records no {missing} (evaluated or exported before it "
+            "was recorded): evaluate and export the training again, then register it"
+        )
+    if tested != exported:
+        return (
+            f"other weights: version {version.version}'s test metrics were measured on weights {tested[:12]}…, its "
+            f"model was exported from {exported[:12]}…: evaluate and export the same weights "
+            "(training.<model>.use), then register again"
+        )
+    return None
+
+
 def compare(
     candidate: ModelVersion,
     champion: ModelVersion,
@@ -480,7 +516,7 @@ def compare(
         if f"test_psnr_{w}" in new or f"test_psnr_{w}" in old
     ]
     test_sets = (new.get(TEST_SET_TAG), old.get(TEST_SET_TAG))
-    reasons = []
+    reasons = [problem for v in (candidate, champion) if (problem := evidence_problem(v, required=True))]
     if None in test_sets:
         unknown = " and ".join(f"version {v.version}" for v in (candidate, champion) if TEST_SET_TAG not in v.tags)
         reasons.append(f"unknown test set: {unknown} records no {TEST_SET_TAG} (evaluated before it was recorded)")
@@ -489,7 +525,7 @@ def compare(
             f"different test set: manifest {test_sets[0][:12]}… vs {test_sets[1][:12]}… (candidate vs champion); "
             "PSNRs on different clips do not compare"
         )
-    if reasons:  # PSNRs of different test sets say nothing about each other
+    if reasons:  # PSNRs of different test sets, or of other weights than those registered, say nothing
         return Gate(str(candidate.version), str(champion.version), tuple(rows), test_sets, tuple(reasons))
     overall, *weathers = rows
     if overall.candidate is None:
@@ -613,6 +649,9 @@ def promote(
     new, old = str(candidate.version), aliases.get(CHAMPION)
     if old == new:
         return Promotion(name, new, "unchanged", None, None)
+    if old is None and (problem := evidence_problem(candidate, required=False)) and not force:
+        _record(client, candidate, "promotion", {"decision": "refused", "gate": problem, "reason": ""})
+        raise PromotionRefused(f"refused to promote {name} version {new} to {CHAMPION} (the first): {problem}")
     if old is None:
         _record(
             client, candidate, "promotion", {"decision": "first", "gate": "no champion yet", "reason": reason or ""}

@@ -8,6 +8,7 @@ directory and on whether a `./mlruns` folder exists). Open it with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict
 
 from weather_restore.config import TrackingConfig
@@ -25,7 +27,21 @@ from weather_restore.outputs import atomic_write_text
 log = logging.getLogger(__name__)
 
 RUN_INFO_NAME = "run.json"
+# The evidence a training's run holds, set only by the stages that worked on the training's own weights (the file
+# `training.<model>.use` names): what `register` copies into a version and the promotion gate checks.
+TEST_SET_TAG = "test.manifest_checksum"  # the test set `evaluate` measured the run's test metrics on
+TESTED_WEIGHTS_TAG = "test.weights_sha256"  # the weights file those metrics were measured on
+EXPORTED_WEIGHTS_TAG = "export.weights_sha256"  # the weights file `export` turned into the run's ONNX model
+WEIGHTS_USE_TAG = "weights.use"  # last | best
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+# MLflow 3's UI opens an experiment by this tag: on its runs table for model training, rather than on the GenAI
+# overview (traces, token usage) it guesses for an experiment without it.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+CONFIG_ARTIFACT = "config/params.yaml"  # a run's full namespaced config, as params.yaml spells it
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # `training` or `testing`: how the Dataset column labels an input
+DATASET_NAME = "mwvd"  # the clips in the MWVD layout, whatever source they were made from
+DATASET_SPLITS = {"training": "train", "testing": "test"}  # an input's context -> the split it names
+DIGEST_LENGTH = 36  # the longest dataset digest MLflow stores: the manifest checksum's first 36 hex digits
 
 
 class RunInfo(BaseModel):
@@ -76,11 +92,14 @@ def prepare(cfg: TrackingConfig, project_root: Path) -> str:
     if experiment is None:
         # A server decides where artifacts go; a local store is told, or it would use ./mlruns of the cwd.
         location = None if _is_server(uri) else (Path(project_root) / cfg.artifacts).resolve().as_uri()
-        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
         log.info("created MLflow experiment %r in %s", cfg.experiment, uri)
         return experiment_id
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag existed
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -181,3 +200,58 @@ def end_interrupted_runs(run_ids: Iterable[str | None]) -> list[str]:
             log.warning("MLflow run %s was left running by an interrupted training: marked KILLED", run_id)
             ended.append(run_id)
     return ended
+
+
+def comparable_params(
+    model: str,
+    training: Mapping[str, Any],
+    architecture: Mapping[str, Any],
+    data: Mapping[str, Any],
+    config_hash: str,
+) -> dict[str, str]:
+    """A training run's params under names every model shares, so that MLflow's comparison view lines the runs of
+    both models up column by column: `model`, each training field by its own name (`lr`, `batch_size`, `crop`,
+    `iterations`, `loss`, `ema_decay`, ...), the model's constructor arguments as one `architecture` value (they
+    differ from model to model), the data (`data.manifest_checksum`, `data.clips.*`) and `config_hash`."""
+    return {
+        "model": model,
+        **flatten(training),
+        "architecture": json.dumps(dict(architecture), sort_keys=True, separators=(",", ":")),
+        **flatten(data, "data."),
+        "config_hash": config_hash,
+    }
+
+
+def log_training_config(
+    client: Any, run_id: str, model: str, namespaced: Mapping[str, Any], params: Mapping[str, str], params_count: int
+) -> None:
+    """Log a new training run's shared-name `params` (`comparable_params`), its model's parameter count (metric
+    `params_count`) and its full namespaced config (`namespaced`, as params.yaml spells it) as CONFIG_ARTIFACT."""
+    from mlflow.entities import Metric, Param
+
+    client.log_batch(
+        run_id,
+        metrics=[Metric("params_count", float(params_count), int(time.time() * 1000), 0)],
+        params=[Param(key, value) for key, value in params.items()],
+    )
+    client.log_text(run_id, yaml.safe_dump(dict(namespaced), sort_keys=False), CONFIG_ARTIFACT)
+    log.info("logged the config of %s to MLflow run %s", model, run_id)
+
+
+def log_dataset_input(
+    client: Any, run_id: str, manifest_checksum: str, context: str, data_root: Path | str | None, clips: int
+) -> None:
+    """Record the clips a run trained on (`context` "training": dataset `mwvd/train`) or was tested on ("testing":
+    `mwvd/test`) as an MLflow dataset input, its digest the manifest checksum (cut to MLflow's limit; the whole
+    one and the number of clips in its profile), its source the data folder. The store keeps one input per
+    dataset and run: logging it again adds nothing."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=f"{DATASET_NAME}/{DATASET_SPLITS[context]}",
+        digest=manifest_checksum[:DIGEST_LENGTH],
+        source_type="local",
+        source=json.dumps({"uri": str(Path(data_root).resolve()) if data_root is not None else None}),
+        profile=json.dumps({"manifest_checksum": manifest_checksum, "clips": clips}),
+    )
+    client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])

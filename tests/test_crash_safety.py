@@ -82,6 +82,12 @@ def new_project(root: Path, params: dict) -> Path:
 
 
 def stage(project: Path, data: Path, command: str) -> list[str]:
+    # `data` is the project's default test set (data/mwvd links to it): evaluation logs into the training's run only
+    # for its own weights on that set.
+    default = project / "data" / "mwvd"
+    if not default.exists():
+        default.parent.mkdir(parents=True, exist_ok=True)
+        default.symlink_to(data)
     return ["--params", str(project / "params.yaml"), command, "--model", "dwgn", "--data", str(data)]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from weather_restore.config import load_params
 from weather_restore.data.assemble import assemble
 from weather_restore.data.clips import write_clips
+from weather_restore.progress import show_progress
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench/data_stages.json"))
     args = parser.parse_args()
-    os.environ.setdefault("WEATHER_RESTORE_PROGRESS", "0")
+    show_progress(False)
     data = load_params(args.params).data
     cores = os.cpu_count() or 1
     rows = []

@@ -45,6 +45,7 @@ from weather_restore.checkpoint import save_checkpoint
 from weather_restore.model_loading import LoadedModel, load_restorer
 from weather_restore.models import build_model
 from weather_restore.models.facts import MODEL_NAMES, model_facts
+from weather_restore.progress import show_progress
 from weather_restore.restore import restore
 from weather_restore.windows import TILE, TILE_OVERLAP, WINDOW, WINDOW_STRIDE, tile_starts
 
@@ -209,7 +210,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: one per core, as a user gets)")
     parser.add_argument("--measure", nargs=4, metavar=("MODEL", "BACKEND", "HEIGHT", "WIDTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ["WEATHER_RESTORE_PROGRESS"] = "0"
+    show_progress(False)
     if args.measure:
         model, backend, height, width = args.measure
         print(json.dumps(measure(model, backend, int(height), int(width), args.threads)))

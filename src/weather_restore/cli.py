@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from weather_restore import __version__
 from weather_restore.config import DEFAULT_PARAMS, Params, load_params
 from weather_restore.errors import ConfigError, PromotionRefused, WeatherRestoreError
 from weather_restore.models.facts import MODEL_NAMES
+from weather_restore.progress import show_progress
 
 log = logging.getLogger("weather_restore")
 
@@ -487,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    show_progress(os.environ.get("WEATHER_RESTORE_PROGRESS", "1") != "0")  # read here only: DVC's logs, CI
     try:
         if args.params is None and args.command in RUNS_WITHOUT_PARAMS and not DEFAULT_PARAMS.is_file():
             params = Params()  # restoring a user's video outside the repository needs no pipeline settings

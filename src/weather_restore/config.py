@@ -73,10 +73,12 @@ def _rule(field: str | tuple[str, ...], detail: str) -> PydanticCustomError:
 
 
 class HazeConfig(Section):
-    """Atmospheric scattering I = J t + A (1 - t), t = exp(-beta d), d the depth normalised to [0, 1]."""
+    """Atmospheric scattering I = J t + A (1 - t), t = exp(-beta d), d the depth normalised to [0, 1].
 
-    beta: Range = (2.6, 4.6)
-    airlight: Range = (0.75, 0.95)
+    The defaults are HazeWorld's densities (beta 0.005-0.03 per metre, A 0.75-0.94) over a 50 m far plane."""
+
+    beta: Range = (0.25, 1.5)
+    airlight: Range = (0.75, 0.94)
     tint: Float = Field(0.03, ge=0, le=0.2, description="max per-channel deviation of A from grey")
     drift: Float = Field(0.1, ge=0, le=0.5, description="max relative drift of beta in space and time")
 
@@ -96,7 +98,7 @@ class RainConfig(Section):
     density: Range = Field((0.002, 0.006), description="drops per pixel, all layers together")
     intensity: Range = Field((0.25, 0.6), description="peak brightness w S of the nearest streaks")
     fall_speed: Range = Field((0.25, 0.45), description="advection per frame, in streak lengths")
-    veil_beta: Range = (0.0, 2.5)
+    veil_beta: Range = (0.0, 1.5)
     airlight: Range = (0.25, 0.95)
     reference_size: Int = Field(128, ge=16, description="frame side (px) at which lengths are given")
 
@@ -109,13 +111,13 @@ class SnowConfig(Section):
     frame. The nearest layer has the largest, fastest flakes; the farthest has radius[0].
     """
 
-    density: Range = Field((50.0, 250.0), description="flakes per 10,000 px, all layers together")
+    density: Range = Field((20.0, 120.0), description="flakes per 10,000 px, all layers together")
     layers: CountRange = (2, 3)
     radius: Range = (1.0, 6.0)
     speed: Range = (2.0, 10.0)
     wind: Range = (-3.0, 3.0)
     brightness: Range = (0.85, 1.0)
-    veil_beta: Range = (0.5, 2.0)
+    veil_beta: Range = (0.25, 1.0)
     airlight: Range = (0.75, 0.95)
     reference_size: Int = Field(128, ge=16, description="frame side (px) at which sizes and speeds are given")
 

@@ -35,9 +35,12 @@ class Photograph:
     disparity: str | None = None
 
 
-# Real scenes only (no microscopy, astronomy, text, synthetic or binary images), in a fixed order.
-# Licences: scikit-image's are public domain / CC0, scikit-learn's two are CC BY 2.0 (Flickr, see its
-# README), matplotlib's Grace Hopper portrait is a US Navy photograph in the public domain.
+# Real scenes only (no microscopy, astronomy, text, synthetic or binary images, no textures), in a fixed order.
+# Licences: scikit-image's are public domain / CC0 (`camera`, grey, CC0 by Lav Varshney), scikit-learn's two are
+# CC BY 2.0 (Flickr, see its README), matplotlib's Grace Hopper portrait is a US Navy photograph in the public
+# domain. Looked at and left out (2026-12): imageio's and scipy.datasets' images are downloaded at run time;
+# mahotas ships an illustration and portraits of unclear licence; imgaug's quokka (with a depth map) would pull
+# in OpenCV and Shapely for one photograph; PyWavelets' images are grey copies of the same kind.
 PHOTOGRAPHS: dict[str, Photograph] = {
     "astronaut": Photograph("skimage", "data/astronaut.png", "radial"),
     "chelsea": Photograph("skimage", "data/chelsea.png", "radial"),
@@ -47,6 +50,7 @@ PHOTOGRAPHS: dict[str, Photograph] = {
     "china": Photograph("sklearn", "datasets/images/china.jpg", "vertical"),
     "flower": Photograph("sklearn", "datasets/images/flower.jpg", "radial"),
     "grace_hopper": Photograph("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "radial"),
+    "camera": Photograph("skimage", "data/camera.png", "vertical"),
 }
 
 # Camera motion, per video. Speeds are in output pixels per frame so that motion looks alike at any size.

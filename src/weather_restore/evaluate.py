@@ -375,6 +375,13 @@ def _milli(value: float | None) -> float | None:
     return None if value is None else 1e3 * value
 
 
+def _gflops(metrics: dict[str, Any]) -> str:
+    """`51.6 (10x128x128)`: the figure with the frames it counts (evaluation.flops_size), which can differ."""
+    if metrics["gflops"] is None:
+        return _fmt(None, 1)
+    return f"{metrics['gflops']:.1f} ({metrics.get('gflops_input', 'size not recorded')})"
+
+
 TABLE_TEMPORAL = ("warp_error", "input_warp_error", "clean_warp_error", "flicker_error", "input_flicker_error")
 
 
@@ -402,8 +409,7 @@ def compare_table(metrics_by_model: dict[str, dict[str, Any]]) -> str:
                 f"| {_fmt(row['input_psnr'], 2)} | {_fmt(row['input_ssim'], 4)} | "
                 + " | ".join(_fmt(_milli(row.get(key)), 2) for key in TABLE_TEMPORAL)
                 + f" | {metrics['params']:,} "
-                f"| {_fmt(metrics['gflops'], 1)} ({metrics.get('gflops_input', '10x128x128')}) "
-                f"| {metrics['fps']:.1f} |"
+                f"| {_gflops(metrics)} | {metrics['fps']:.1f} |"
             )
     return "\n".join(lines) + "\n"
 

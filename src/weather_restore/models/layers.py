@@ -88,8 +88,8 @@ def mirror_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad the last two dims of x at the bottom/right to multiples of `multiple` by mirroring.
 
     Equals reflection padding wherever it fits; frames smaller than the pad are mirrored again (a b c b a b ..).
-    Unlike `pad_to_multiple`, nothing branches on a size: the indices come from arange arithmetic, so an
-    exported graph (torch.export, ONNX) keeps height and width dynamic instead of baking in the padding mode.
+    Nothing branches on a size (as a choice between reflection and replication padding would): the indices come
+    from arange arithmetic, so an exported graph (torch.export, ONNX) keeps height and width dynamic.
     """
     for dim in (-2, -1):
         size = x.shape[dim]

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +191,7 @@ def project_files() -> list[str]:
     return [name for name in out.split("\0") if name and (REPO / name).is_file()]
 
 
-def run_command(cmd: list[str], cwd: Path) -> str:
+def run_command(cmd: list[str], cwd: Path, **env_vars: str) -> str:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -202,32 +203,103 @@ def run_command(cmd: list[str], cwd: Path) -> str:
         "GIT_AUTHOR_EMAIL": "test@example.invalid",
         "GIT_COMMITTER_NAME": "test",
         "GIT_COMMITTER_EMAIL": "test@example.invalid",
+        **env_vars,
     }
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
 
-@pytest.fixture
-def tiny_repo(tmp_path) -> Path:
-    """A git repository holding this project with tiny data parameters."""
-    root = tmp_path / "repo"
+def make_tiny_repo(root: Path, models: dict) -> Path:
+    """A git repository at `root` holding this project with tiny data parameters and `models`, nothing run yet."""
     for name in project_files():
         target = root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["synthetic"].update(videos_per_weather=3, frames_per_video=20, frame_size=[32, 32])
+    # Three photographs for three videos per weather: each source video is filmed in every weather, so each one
+    # can go to train, val or test whole.
+    synthetic = params["data"]["synthetic"]
+    synthetic.update(videos_per_weather=3, frames_per_video=20, frame_size=[32, 32])
+    synthetic["photographs"] = synthetic["photographs"][:3]
     params["data"]["clips"].update(train_per_weather=2, val_per_weather=1, test_per_weather=1)
-    params["models"] = TINY_MODELS
-    params["training"] = {name: dict(TINY_TRAINING) for name in TINY_MODELS}
+    params["models"] = models
+    params["training"] = {name: dict(TINY_TRAINING) for name in models}
     params["evaluation"] = {"max_clips": 0, "lpips": False, "flops_size": [32, 32]}
+    params["export"] = {**params.get("export", {}), "latency_repeats": 1}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "dvc.lock").unlink(missing_ok=True)
     run_command(["git", "init", "-q"], root)
     run_command(["git", "add", "-A"], root)
     run_command(["git", "commit", "-qm", "test copy"], root)
     return root
+
+
+@pytest.fixture
+def tiny_repo(tmp_path) -> Path:
+    """A git repository holding this project with tiny data parameters, nothing run yet."""
+    return make_tiny_repo(tmp_path / "repo", TINY_MODELS)
+
+
+# Every Python process started with this folder on PYTHONPATH appends its argv and each package module it
+# imports to <log>/<pid>.log; a forked worker writes into its parent's log.
+IMPORT_LOGGER = """
+import os
+import sys
+
+if folder := os.environ.get("WEATHER_RESTORE_IMPORT_LOG"):
+    log = os.path.join(folder, f"{os.getpid()}.log")
+
+    def record(event, args):
+        if event == "import" and args[0].startswith("weather_restore"):
+            if not os.path.exists(log):
+                with open(log, "a") as file:
+                    file.write("\\0".join(sys.argv) + "\\n")
+            with open(log, "a") as file:
+                file.write(args[0] + "\\n")
+
+    sys.addaudithook(record)
+"""
+
+
+@dataclass(frozen=True)
+class TinyPipeline:
+    """The tiny repository after one `dvc repro` of the whole pipeline (built once per test session)."""
+
+    pristine: Path  # the built repository as `dvc repro` left it, never changed afterwards
+    root: Path  # where `built_tiny_repo` puts a fresh copy of it for each test
+    output: str  # what that `dvc repro` printed
+    imports: Path  # per process of the build: its argv, then the package modules it imported (IMPORT_LOGGER)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
+    """`dvc repro` of every stage of a tiny repository with the exportable models (EXPORTABLE_MODELS), run once;
+    its tracked outputs sit in the repository's DVC cache, its MLflow runs in the repository's own store."""
+    base = tmp_path_factory.mktemp("tiny_pipeline")
+    root = make_tiny_repo(base / "repo", EXPORTABLE_MODELS)
+    (base / "site").mkdir()
+    (base / "site" / "sitecustomize.py").write_text(IMPORT_LOGGER)
+    (base / "imports").mkdir()
+    pythonpath = os.pathsep.join(filter(None, [str(base / "site"), os.environ.get("PYTHONPATH")]))
+    output = run_command(
+        ["dvc", "repro"], root, PYTHONPATH=pythonpath, WEATHER_RESTORE_IMPORT_LOG=str(base / "imports")
+    )
+    run_command(["git", "add", "dvc.lock"], root)
+    run_command(["git", "commit", "-qm", "dvc repro"], root)
+    shutil.copytree(root, base / "pristine", symlinks=True)
+    return TinyPipeline(pristine=base / "pristine", root=root, output=output, imports=base / "imports")
+
+
+@pytest.fixture
+def built_tiny_repo(tiny_pipeline) -> Path:
+    """A fresh copy of the built tiny repository (`tiny_pipeline`), every stage up to date, for a test to change.
+
+    The copy always lands at the path the pipeline was built in: run.json and MLflow's store record absolute
+    paths (the tracking URI, artifact locations), so a copy elsewhere would log into the pristine build."""
+    shutil.rmtree(tiny_pipeline.root, ignore_errors=True)
+    shutil.copytree(tiny_pipeline.pristine, tiny_pipeline.root, symlinks=True)
+    return tiny_pipeline.root
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def test_training_writes_checkpoint_curves_and_validation(tiny_mwvd, tmp_path, t
     assert state["model_name"] == "dwgn"
     model = build_model("dwgn", **state["model_config"])
     model.load_state_dict(state["model"])
-    assert {"optimizer", "scheduler", "scaler", "rng", "sampler", "config_hash"} <= state.keys()
+    assert {"optimizer", "scheduler", "scaler", "rng", "config_hash"} <= state.keys()
 
 
 def test_validation_reads_the_val_split_only_and_keeps_the_best_weights(tiny_mwvd, tmp_path, tiny_params_dict):

@@ -85,6 +85,7 @@ def atomic_path(final: Path, fsync: bool = False, sweep: bool = True) -> Iterato
     `sweep` first removes the partials of dead writers beside `final`; a writer of many small files inside one
     output folder turns it off (each sweep lists the folder), since the folder's own partial is swept whole."""
     final = Path(final)
+    created = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     if sweep:
         remove_stale_partials(final)
@@ -96,6 +97,9 @@ def atomic_path(final: Path, fsync: bool = False, sweep: bool = True) -> Iterato
             _fsync(temporary)
     except BaseException:
         remove(temporary)
+        for folder in created:  # the folders made for it, innermost first: a failed output leaves no trace
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     if final.is_dir() and not final.is_symlink():  # os.replace cannot replace a non-empty folder
         if not temporary.is_dir():  # a file never replaces a folder; folder writers ask check_output_folder first
@@ -219,6 +223,10 @@ def check_output_folder(
     )
 
 
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def check_output_file(
     path: Path,
     kind: str,
@@ -236,10 +244,10 @@ def check_output_file(
     if not os.path.lexists(path):
         return path
     if path.is_dir() and not path.is_symlink():
-        raise OutputError(f"{path}: is a folder, which a {kind} file never replaces; choose another name")
+        raise OutputError(f"{path}: is a folder, which {_a(kind)} file never replaces; choose another name")
     if path.is_file() and is_kind(path):
         return path
     if force:
-        log.warning("%s: not a %s file; replacing it as --force asks", path, kind)
+        log.warning("%s: not %s file; replacing it as --force asks", path, _a(kind))
         return path
-    raise OutputError(f"{path}: exists and is not a {kind} file; pass --force to replace it, or choose another path")
+    raise OutputError(f"{path}: exists and is not {_a(kind)} file; pass --force to replace it, or choose another path")

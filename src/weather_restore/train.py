@@ -529,7 +529,6 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "rng": rng_state(),
-                "sampler": self.sampler.state_dict(iteration),
                 "mlflow_run_id": self.run_id or "",
                 "training_id": self.training_id,
                 "val_psnr": self.val_psnr,

@@ -220,7 +220,3 @@ class TrainingSampler(Sampler[tuple[int, tuple[int, ...]]]):
                 epoch, position = divmod(n, self.size)
                 yield int(self._permutation(epoch)[position]), (self.seed, n)
             iteration += 1
-
-    def state_dict(self, iteration: int) -> dict[str, int]:
-        """What resumes the stream at `iteration` (the sampler is a pure function of these)."""
-        return {"size": self.size, "batch_size": self.batch_size, "seed": self.seed, "iteration": iteration}

@@ -3,10 +3,11 @@ the choice of the weights later stages use.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (so `torch.load(weights_only=True)`
 reads it): the model's and optimiser's state, the scheduler's, the grad scaler's, the EMA of the weights when
-training keeps one, the iteration (from which, with the config, the data sampler resumes), every random
-state, the model's name and constructor arguments, and a hash of the config. Beside the last checkpoint (`checkpoint.pt`) training keeps
-`best.pt`: the weights of its best validation PSNR (the EMA's when on), the model's name and config, and the
-training's id. `training.<model>.use` says which of the two `evaluate`, `export` and `register` use.
+training keeps one, the iteration (from which, with the config, the data sampler resumes), every random state,
+the model's name and constructor arguments, and a hash of the config. Beside the last checkpoint
+(`checkpoint.pt`) training keeps `best.pt`: the weights of its best validation PSNR (the EMA's when on), the
+model's name and config, and the training's id. `training.<model>.use` says which of the two `evaluate`,
+`export` and `register` use.
 """
 
 from __future__ import annotations

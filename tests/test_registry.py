@@ -532,3 +532,37 @@ def test_the_cli_registers_promotes_refuses_and_rolls_back_and_the_champion_load
     by_checkpoint = json.loads((project / "reports" / model / "metrics.json").read_text())["overall"]
     assert by_alias["psnr"] == pytest.approx(by_checkpoint["psnr"], abs=1e-4)
     assert by_alias["ssim"] == pytest.approx(by_checkpoint["ssim"], abs=1e-5)
+
+
+# --- runs that line up in MLflow's comparison view ----------------------------------------------------------------
+
+
+def test_both_models_runs_share_their_param_names_and_record_their_data(trained, client, tiny_mwvd, exportable_models):
+    runs = {model: client.get_run(trained[model].info.run_id) for model in MODELS}
+    checksum = read_manifest(tiny_mwvd)[0]
+
+    assert set(runs["dynstaticnet"].data.params) == set(runs["dwgn"].data.params)
+    shared = {"model", "lr", "batch_size", "crop", "iterations", "loss", "ema_decay", "architecture", "config_hash"}
+    assert shared <= set(runs["dwgn"].data.params)
+    assert not [key for key in runs["dwgn"].data.params if key.startswith(("training.", "models."))]
+    for model, run in runs.items():
+        params, metrics = run.data.params, run.data.metrics
+        assert (params["model"], params["lr"], params["crop"], params["loss"]) == (
+            model, "0.001", "16", {"dynstaticnet": "psnr", "dwgn": "l1"}[model]
+        )  # fmt: skip
+        assert json.loads(params["architecture"]).items() >= exportable_models[model].items()
+        network = load_model(trained[model].project / "models" / model / "checkpoint.pt")
+        assert metrics["params_count"] == sum(p.numel() for p in network.parameters())
+        assert metrics["gflops"] > 0
+        config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config/params.yaml")).read_text())
+        assert config["training"][model]["lr"] == 0.001
+        assert config["models"][model] == json.loads(params["architecture"])
+        inputs = {
+            (given.dataset.name, given.dataset.digest, tag.value)
+            for given in run.inputs.dataset_inputs
+            for tag in given.tags
+            if tag.key == "mlflow.data.context"
+        }
+        assert inputs == {("mwvd/train", checksum[:36], "training"), ("mwvd/test", checksum[:36], "testing")}
+        experiment = client.get_experiment(run.info.experiment_id)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs

@@ -235,6 +235,7 @@ def log_evaluation(
         TESTED_WEIGHTS_TAG,
         WEIGHTS_USE_TAG,
         log_changed_metrics,
+        log_dataset_input,
         read_run_info,
     )
 
@@ -246,6 +247,8 @@ def log_evaluation(
     # The promotion gate compares test PSNRs only when both versions were measured on the same test set, each on
     # the weights it registered.
     client.set_tag(info.run_id, TEST_SET_TAG, metrics["manifest_checksum"])
+    data = (weights or {}).get("data")
+    log_dataset_input(client, info.run_id, metrics["manifest_checksum"], "testing", data, metrics["clips"])
     if weights is not None:
         client.set_tag(info.run_id, TESTED_WEIGHTS_TAG, weights["sha256"])
         client.set_tag(info.run_id, WEIGHTS_USE_TAG, weights["use"])

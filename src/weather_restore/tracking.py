@@ -223,19 +223,34 @@ def comparable_params(
 
 
 def log_training_config(
-    client: Any, run_id: str, model: str, namespaced: Mapping[str, Any], params: Mapping[str, str], params_count: int
+    client: Any,
+    run_id: str,
+    model: str,
+    *,
+    training: Mapping[str, Any],
+    architecture: Mapping[str, Any],
+    data: Mapping[str, Any],
+    config_hash: str,
+    params_count: int,
 ) -> None:
-    """Log a new training run's shared-name `params` (`comparable_params`), its model's parameter count (metric
-    `params_count`) and its full namespaced config (`namespaced`, as params.yaml spells it) as CONFIG_ARTIFACT."""
+    """Log a new training run's config: its params under shared names (`comparable_params`), the model's parameter
+    count (metric `params_count`) and the whole config namespaced as params.yaml spells it (CONFIG_ARTIFACT)."""
     from mlflow.entities import Metric, Param
 
+    params = comparable_params(model, training, architecture, data, config_hash)
+    namespaced = {
+        "model": model,
+        "models": {model: dict(architecture)},
+        "training": {model: dict(training)},
+        "data": dict(data),
+        "config_hash": config_hash,
+    }
     client.log_batch(
         run_id,
         metrics=[Metric("params_count", float(params_count), int(time.time() * 1000), 0)],
         params=[Param(key, value) for key, value in params.items()],
     )
-    client.log_text(run_id, yaml.safe_dump(dict(namespaced), sort_keys=False), CONFIG_ARTIFACT)
-    log.info("logged the config of %s to MLflow run %s", model, run_id)
+    client.log_text(run_id, yaml.safe_dump(namespaced, sort_keys=False), CONFIG_ARTIFACT)
 
 
 def log_dataset_input(

@@ -685,21 +685,25 @@ class Trainer:
         with mlflow.start_run(run_id=self.run_id, experiment_id=experiment_id, run_name=name) as run:
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             self._flush(skip_logged=True)  # the rows the checkpoint carries
+            client = mlflow.MlflowClient()
             if fresh:  # a resumed run has its params already
-                mlflow.log_params(
-                    tracking.flatten(
-                        {
-                            "model": self.model_name,
-                            "models": {self.model_name: self.config["model_config"]},
-                            "training": {self.model_name: self.cfg.model_dump(mode="json")},
-                            "data": {
-                                "manifest_checksum": self.config["data"],
-                                "clips": self.params.data.clips.model_dump(mode="json"),
-                            },
-                            "config_hash": self.digest,
-                        }
-                    )
+                tracking.log_training_config(
+                    client,
+                    self.run_id,
+                    self.model_name,
+                    training=self.cfg.model_dump(mode="json"),
+                    architecture=self.config["model_config"],
+                    data={
+                        "manifest_checksum": self.config["data"],
+                        "clips": self.params.data.clips.model_dump(mode="json"),
+                    },
+                    config_hash=self.digest,
+                    params_count=sum(p.numel() for p in self.model.parameters()),
                 )
+            train_set = self.loader.dataset
+            tracking.log_dataset_input(
+                client, self.run_id, self.config["data"], "training", train_set.root, len(train_set.clips)
+            )
             commit, dirty = tracking.git_commit(project_root)
             tags = {
                 "model": self.model_name,

@@ -23,6 +23,7 @@ class ModelFacts:
     display_name: str
     layout: tuple[str, ...]  # the input's axes, the output's too: ONNX rank, dynamic axes and shapes follow
     summary: str  # what it is, in a few words
+    reference: str  # the published implementation the model follows (shared/spec/models.md)
 
     @property
     def registered_name(self) -> str:
@@ -76,12 +77,14 @@ MODELS: dict[str, ModelFacts] = {
             "DynStaticNet",
             ("batch", "frames", CHANNELS, "height", "width"),
             "video network removing rain, haze and snow",
+            "GitHub zqx1216155858/DynstaticNet",
         ),
         ModelFacts(
             "dwgn",
             "DwGN",
             ("batch", CHANNELS, "height", "width"),
             "image network removing rain, haze and snow, run frame by frame",
+            "GitHub Jeasco/DwGN (WAformer)",
         ),
     )
 }

@@ -163,6 +163,21 @@ def cmd_export(args: argparse.Namespace, params: Params) -> None:
     )
 
 
+def cmd_card(args: argparse.Namespace, params: Params) -> None:
+    from weather_restore.model_card import from_files, write_pipeline_card
+
+    reports = Path("reports") / args.model
+    facts = from_files(
+        args.model,
+        reports,
+        params.data.root / "mwvd",
+        Path("models") / args.model / "run.json",
+        training=getattr(params.training, args.model).model_dump(mode="json"),
+        architecture=getattr(params.models, args.model).model_dump(mode="json"),
+    )
+    print(f"wrote {write_pipeline_card(facts, reports / 'model_card.md')}")
+
+
 def cmd_compare(args: argparse.Namespace, params: Params) -> None:
     from weather_restore.evaluate import write_comparison
 
@@ -235,7 +250,7 @@ def cmd_register(args: argparse.Namespace, params: Params) -> None:
     from weather_restore.tracking import RUN_INFO_NAME, read_run_info
 
     run_info = read_run_info(Path("models") / args.model / RUN_INFO_NAME)
-    print(register(args.model, run_info, _registry_client(params)).summary())
+    print(register(args.model, run_info, _registry_client(params), data_root=params.data.root / "mwvd").summary())
 
 
 def cmd_promote(args: argparse.Namespace, params: Params) -> None:
@@ -372,6 +387,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument(
         "--reports", type=_existing_folder, default=Path("reports"), help="reports folder (default: reports)"
     )
+    p = add(
+        "card",
+        cmd_card,
+        "write the model card of the current model (reports/<model>/model_card.md)",
+        "Reads reports/<model>/metrics.json, reports/<model>/export.json (when exported), models/<model>/run.json, "
+        "<data.root>/mwvd/manifest.json and params training.<model> and models.<model>. Writes "
+        "reports/<model>/model_card.md: the model, its training data and recipe, test results per weather against "
+        "the degraded input, ONNX parity and latency, intended use and limits, how to load it.",
+    )
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model")
     p = add(
         "restore",
         cmd_restore,

@@ -330,9 +330,13 @@ def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: 
         log.warning("could not link logged model %s to %s version %s: %s", model_id, name, version, error)
 
 
-def register(model: str, run_info: RunInfo, client: MlflowClient, name: str | None = None) -> Registration:
+def register(
+    model: str, run_info: RunInfo, client: MlflowClient, name: str | None = None, data_root: Path | None = None
+) -> Registration:
     """Register the ONNX model that `export` logged into the run in `run_info` (models/<model>/run.json) as a new
-    version of `name` (default DynStaticNet or DwGN), with its lineage and test metrics as tags and a description.
+    version of `name` (default DynStaticNet or DwGN), with its lineage and test metrics as tags, and its model card
+    (model_card.py; the training data described from `data_root` when it holds the run's manifest) attached to the
+    run and to the version's description.
 
     The run must have been evaluated and exported. A run registered before gives back its version; two processes
     registering at once both succeed (the registered model's creation may race, version numbers are allocated by
@@ -398,6 +402,9 @@ def register(model: str, run_info: RunInfo, client: MlflowClient, name: str | No
         return result(first, created=False)
     if model_id:
         _link_logged_model(client, model_id, name, str(version.version))
+    from weather_restore.model_card import attach_card
+
+    attach_card(client, model, run, version, describe(model, run), data_root)
     log.info("registered %s version %s from run %s", name, version.version, run_info.run_id)
     return result(version, created=True)
 
@@ -610,8 +617,11 @@ def _version(client: MlflowClient, name: str, version: str | int | None) -> Mode
         raise
 
 
-def _record(client: MlflowClient, version: ModelVersion, prefix: str, entry: dict[str, Any]) -> None:
-    """Write a decision into the version's tags: `<prefix>.<key>` for the latest, appended to `history`."""
+def _record(
+    client: MlflowClient, version: ModelVersion, prefix: str, entry: dict[str, Any], table: str | None = None
+) -> None:
+    """Write a decision into the version's tags: `<prefix>.<key>` for the latest, appended to `history`; a
+    promotion decision (with the gate's `table`) is appended to the version's model card too."""
     entry = {"time": _now(), "user": getpass.getuser(), **entry}
     history = json.loads(version.tags.get(HISTORY_TAG, "[]"))
     client.set_model_version_tag(version.name, version.version, HISTORY_TAG, json.dumps([*history, entry]))
@@ -621,6 +631,10 @@ def _record(client: MlflowClient, version: ModelVersion, prefix: str, entry: dic
     flat.update({f"delta.{label}": delta for label, delta in entry.get("deltas", {}).items()})
     for key, value in flat.items():
         client.set_model_version_tag(version.name, version.version, f"{prefix}.{key}", str(value))
+    if prefix == "promotion":
+        from weather_restore.model_card import append_decision
+
+        append_decision(client, version, entry, table)
 
 
 def promote(
@@ -672,7 +686,7 @@ def promote(
         "temporal_tolerance": temporal_tolerance,
         "reason": reason or "",
     }
-    _record(client, candidate, "promotion", entry)
+    _record(client, candidate, "promotion", entry, gate.table())
     if decision == "refused":
         raise PromotionRefused(
             f"refused to promote {name} version {new} over {CHAMPION} version {old}: {'; '.join(gate.reasons)}\n"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from weather_restore.config import ClipsConfig, parse_params
-from weather_restore.data.clips import assign_splits, clip_windows, read_manifest, write_clips
+from weather_restore.data.clips import assign_splits, clip_windows, read_manifest, select_clips, write_clips
 from weather_restore.data.frames import read_frame, write_frame
 from weather_restore.data.records import WEATHERS, VideoRecord
 from weather_restore.errors import ClipError, ConfigError
@@ -181,3 +181,29 @@ def test_a_generator_too_small_for_three_splits_is_refused_at_the_door():
         ConfigError, match="'data.synthetic.frames_per_video' is not allowed: it is shorter than data.clips.clip_len 40"
     ):
         parse_params({"data": {"clips": {"clip_len": 40}}}, "params.yaml")
+
+
+def test_every_seed_finds_a_split_that_meets_the_targets_when_one_exists():
+    """Photographs rotate across weathers (as the generator films them), so one source holds one to three
+    weathers; a first greedy order can leave a weather without val or test clips, and the next order is tried."""
+    photographs = [f"photo{i}" for i in range(9)]
+    frames = [Path(f"{i}.png") for i in range(20)]
+    videos = [
+        VideoRecord(
+            video_id=f"{weather}/{photographs[(index + w) % 9]}",
+            weather=weather,
+            source="test",
+            source_video=photographs[(index + w) % 9],
+            input_frames=frames,
+            gt_frames=frames,
+        )
+        for w, weather in enumerate(WEATHERS)
+        for index in range(3)
+    ]
+    for seed in range(20):
+        cfg = ClipsConfig(clip_len=10, train_per_weather=2, val_per_weather=1, test_per_weather=1, seed=seed)
+        assignment = assign_splits(videos, cfg)
+        clips = select_clips(videos, assignment, cfg)
+        for split, wanted in (("train", 2), ("val", 1), ("test", 1)):
+            assert [sum(c.split == split and c.weather == w for c in clips) for w in WEATHERS] == [wanted] * 3
+        assert assign_splits(videos, cfg) == assignment

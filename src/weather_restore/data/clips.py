@@ -63,6 +63,10 @@ def clip_name(record: VideoRecord, start: int) -> str:
     return f"{prefix}{video}_{start:04d}"
 
 
+ATTEMPTS = 200
+"""Orders of the free sources `assign_splits` tries before it reports that the targets cannot be met."""
+
+
 def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Split]:
     """Split by source video: every video of one source lands in the same split, so train, val and test share none.
 
@@ -74,12 +78,15 @@ def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Spl
       own validation split counts first, so a weather it covers takes nothing from training;
     - train: the rest.
     A source goes to test or val only if every weather it holds keeps a source for each split still to fill.
+    When an order leaves a split short of its clips per weather, the next seeded order is tried (the first that
+    meets every target wins, so a seed always gives the same split); `select_clips` reports a shortage no order
+    avoids.
     """
     groups: dict[str, list[VideoRecord]] = defaultdict(list)
     for record in records:
         groups[record.source_video].append(record)
 
-    assignment: dict[str, Split] = {}
+    fixed: dict[str, Split] = {}
     free: list[str] = []
     given_train: list[str] = []
     for source_video, videos in groups.items():
@@ -93,16 +100,52 @@ def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Spl
             if split == "train":
                 given_train.append(source_video)
             else:
-                assignment[source_video] = split
+                fixed[source_video] = split
         else:
             free.append(source_video)
 
     clips_of = {source_video: _clip_counts(videos, cfg.clip_len) for source_video, videos in groups.items()}
+    targets = {"train": cfg.train_per_weather, "val": cfg.val_per_weather, "test": cfg.test_per_weather}
+    first = None
+    for attempt in range(ATTEMPTS):
+        order = (cfg.seed, cfg.seed + 1) if attempt == 0 else ([cfg.seed, attempt], [cfg.seed + 1, attempt])
+        orders = (_shuffled(free, order[0]), _shuffled(given_train, order[1]))
+        assignment, have = _assign_once(orders, fixed, clips_of, cfg)
+        first = first or (assignment, have)
+        enough = all(have[split][w] >= n for split, n in targets.items() for w in WEATHERS if _holds(clips_of, w))
+        if enough and all(sum(have[split].values()) for split in SPLITS):
+            break
+    else:
+        assignment, have = first
+    if empty := [split for split in SPLITS if not sum(have[split].values())]:
+        raise ClipError(
+            f"the {len(groups)} source videos cannot give every split one of its own: no clip is left for "
+            f"{' and '.join(empty)} (train, val and test share none). Add source videos (params.yaml "
+            "data.synthetic.videos_per_weather, or data.sources), or set data.clips.respect_source_split: false "
+            "if the datasets' own splits hold them all"
+        )
+    return assignment
+
+
+def _holds(clips_of: dict[str, Counter[str]], weather: str) -> bool:
+    return any(counts[weather] for counts in clips_of.values())
+
+
+def _assign_once(
+    orders: tuple[list[str], list[str]],
+    fixed: dict[str, Split],
+    clips_of: dict[str, Counter[str]],
+    cfg: ClipsConfig,
+) -> tuple[dict[str, Split], dict[str, Counter[str]]]:
+    """One pass of `assign_splits` over the free and the dataset's training sources in the given orders:
+    (source video -> split, clips per split and weather)."""
+    shuffled, given_train = orders
+    assignment = dict(fixed)
     have: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
     for source_video, split in assignment.items():
         have[split].update(clips_of[source_video])
     # Sources still unassigned that hold each weather: what the later splits can draw on.
-    left: Counter[str] = Counter(w for s in (*free, *given_train) for w in clips_of[s] if clips_of[s][w])
+    left: Counter[str] = Counter(w for s in (*shuffled, *given_train) for w, n in clips_of[s].items() if n)
 
     def spare(source_video: str, later_splits: int) -> bool:
         return all(left[w] - 1 >= later_splits for w, n in clips_of[source_video].items() if n)
@@ -115,7 +158,6 @@ def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Spl
     def short(source_video: str, split: Split, target: int) -> bool:
         return any(have[split][w] < target for w, n in clips_of[source_video].items() if n)
 
-    shuffled = _shuffled(free, cfg.seed)
     minimum_test = math.ceil(cfg.test_fraction * len(shuffled)) if shuffled else 0
     taken = 0
     for source_video in shuffled:
@@ -123,22 +165,14 @@ def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Spl
         if wanted and spare(source_video, later_splits=2):
             take(source_video, "test")
             taken += 1
-    candidates = [s for s in shuffled if s not in assignment] + _shuffled(given_train, cfg.seed + 1)
+    candidates = [s for s in shuffled if s not in assignment] + given_train
     for source_video in candidates:
         if short(source_video, "val", max(cfg.val_per_weather, 1)) and spare(source_video, later_splits=1):
             take(source_video, "val")
     for source_video in candidates:
         if source_video not in assignment:
             take(source_video, "train")
-
-    if empty := [split for split in SPLITS if not sum(have[split].values())]:
-        raise ClipError(
-            f"the {len(groups)} source videos cannot give every split one of its own: no clip is left for "
-            f"{' and '.join(empty)} (train, val and test share none). Add source videos (params.yaml "
-            "data.synthetic.videos_per_weather, or data.sources), or set data.clips.respect_source_split: false "
-            "if the datasets' own splits hold them all"
-        )
-    return assignment
+    return assignment, have
 
 
 def _clip_counts(videos: list[VideoRecord], clip_len: int) -> Counter[str]:
@@ -149,7 +183,7 @@ def _clip_counts(videos: list[VideoRecord], clip_len: int) -> Counter[str]:
     return counts
 
 
-def _shuffled(names: list[str], seed: int) -> list[str]:
+def _shuffled(names: list[str], seed: int | list[int]) -> list[str]:
     ordered = sorted(names)
     return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
 

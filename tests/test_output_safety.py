@@ -19,7 +19,7 @@ from weather_restore.cli import main
 from weather_restore.config import ExportConfig, ExportExporters
 from weather_restore.data.frames import write_frame
 from weather_restore.errors import DataError, ExportError, OutputError
-from weather_restore.export import export_model
+from weather_restore.export import export_model, is_onnx_file
 from weather_restore.model_loading import LoadedModel
 from weather_restore.models import build_model
 from weather_restore.outputs import MARKER_NAME, partial_path
@@ -297,6 +297,19 @@ def test_an_exporter_exception_is_one_export_error_and_leaves_no_partial(exporte
     assert message.startswith("the torchscript ONNX exporter failed on dwgn (RuntimeError: ") and "\n" not in message
     assert onnx_path.read_bytes() == graph
     assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["export.json", "model.onnx"]
+
+
+def test_export_replaces_only_an_onnx_graph_and_never_its_checkpoint(exported, tiny_mwvd, tmp_path):
+    checkpoint, onnx_path, _ = exported
+    assert is_onnx_file(onnx_path)  # what a re-export replaces
+    notes, weights = tmp_path / "notes.onnx", checkpoint.read_bytes()
+    notes.write_text(PRECIOUS)
+    with pytest.raises(OutputError, match=r"notes\.onnx: exists and is not an ONNX file; pass --force"):
+        export_model("dwgn", checkpoint, tiny_mwvd, notes, tmp_path / "export.json", EXPORT)
+    with pytest.raises(OutputError, match="the output would overwrite the input"):
+        export_model("dwgn", checkpoint, tiny_mwvd, checkpoint, tmp_path / "export.json", EXPORT, force=True)
+    assert notes.read_text() == PRECIOUS and checkpoint.read_bytes() == weights
+    assert list(tmp_path.iterdir()) == [notes]
 
 
 def test_a_checkpoint_write_that_fails_midway_leaves_no_temporary_and_the_old_checkpoint(tmp_path):

@@ -151,7 +151,14 @@ def cmd_export(args: argparse.Namespace, params: Params) -> None:
     from weather_restore.export import export_stage
 
     result = export_stage(
-        args.model, params, Path("."), checkpoint=args.checkpoint, data=args.data, out=args.out, report=args.report
+        args.model,
+        params,
+        Path("."),
+        checkpoint=args.checkpoint,
+        data=args.data,
+        out=args.out,
+        report=args.report,
+        force=args.force,
     )
     report, latency = result.report, result.report["latency"]
     print(
@@ -377,6 +384,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="ONNX file (default: models/<model>/model.onnx)")
     p.add_argument("--report", type=Path, help="report (default: reports/<model>/export.json)")
+    p.add_argument("--force", action="store_true", help="replace an --out file that holds no ONNX graph")
     p = add(
         "compare",
         cmd_compare,

@@ -28,7 +28,7 @@ from weather_restore.data.clips import load_clip, read_manifest
 from weather_restore.errors import DataError, ExportError, ModelFileError
 from weather_restore.metrics import psnr
 from weather_restore.models.facts import model_facts
-from weather_restore.outputs import atomic_path, atomic_write_text
+from weather_restore.outputs import atomic_path, atomic_write_text, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,17 @@ def median_seconds(call: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
+def is_onnx_file(path: Path) -> bool:
+    """`path` holds an ONNX graph (a protobuf that parses as a model with nodes), so a new export may replace it."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and onnx's own errors alike: not a graph
+        return False
+    return graph.ir_version > 0 and len(graph.graph.node) > 0
+
+
 def export_model(
     model_name: str,
     checkpoint: Path,
@@ -168,11 +179,14 @@ def export_model(
     onnx_path: Path,
     report_path: Path,
     cfg: ExportConfig,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """The stage: export, check, check parity on the first test clip at two sizes, time both runtimes, report."""
+    """The stage: export, check, check parity on the first test clip at two sizes, time both runtimes, report.
+    An existing `onnx_path` is replaced only when it holds an ONNX graph (any file with `force`)."""
     from weather_restore.checkpoint import load_model
 
     onnx_path, report_path = Path(onnx_path), Path(report_path)
+    check_output_file(onnx_path, "ONNX", is_onnx_file, [checkpoint], force)
     model = load_model(checkpoint, "cpu", expected=model_name).float().eval()
     checksum, clips = read_manifest(data_root)
     test = [clip for clip in clips if clip.split == "test"]
@@ -303,6 +317,7 @@ def export_stage(
     data: Path | None = None,
     out: Path | None = None,
     report: Path | None = None,
+    force: bool = False,
 ) -> Export:
     """The stage: export the weights `training.<model>.use` names in `<project>/models/<model>` (or `checkpoint`)
     to `out` (default `models/<model>/model.onnx`), prove it on the first test clip of `data`, and log the model
@@ -320,7 +335,7 @@ def export_stage(
     onnx_path = Path(out) if out is not None else model_dir / "model.onnx"
     report_path = Path(report) if report is not None else project_root / "reports" / model_name / "export.json"
     data_root = Path(data) if data is not None else project_root / params.data.root / "mwvd"
-    result = export_model(model_name, path, data_root, onnx_path, report_path, params.export)
+    result = export_model(model_name, path, data_root, onnx_path, report_path, params.export, force)
     run_json = model_dir / RUN_INFO_NAME
     if not params.tracking.enabled:
         logged = "not logged to MLflow (tracking.enabled: false)"

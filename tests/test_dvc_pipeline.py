@@ -3,7 +3,6 @@ stage's code dependencies in dvc.yaml checked against the code the stage runs.""
 
 import ast
 import json
-import os
 import shlex
 import tomllib
 from collections import defaultdict
@@ -14,7 +13,7 @@ import yaml
 
 from weather_restore.cli import build_parser
 from weather_restore.data.records import WEATHERS
-from weather_restore.models import MODEL_NAMES
+from weather_restore.models import MODEL_NAMES, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -220,38 +219,6 @@ def test_each_stage_depends_on_the_code_it_runs_and_no_other(name):
 
 # --- the files of the package a stage loads, seen in a real run -------------------------------------------------
 
-# Every Python process started with this folder on PYTHONPATH appends its argv and each package module it
-# imports to <log>/<pid>.log; a forked worker writes into its parent's log.
-IMPORT_LOGGER = """
-import os
-import sys
-
-if folder := os.environ.get("WEATHER_RESTORE_IMPORT_LOG"):
-    log = os.path.join(folder, f"{os.getpid()}.log")
-
-    def record(event, args):
-        if event == "import" and args[0].startswith("weather_restore"):
-            if not os.path.exists(log):
-                with open(log, "a") as file:
-                    file.write("\\0".join(sys.argv) + "\\n")
-            with open(log, "a") as file:
-                file.write(args[0] + "\\n")
-
-    sys.addaudithook(record)
-"""
-
-
-def log_imports(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Path:
-    """Make every Python process started from here on log the package modules it imports into `folder`."""
-    (folder / "site").mkdir(parents=True)
-    (folder / "site" / "sitecustomize.py").write_text(IMPORT_LOGGER)
-    (folder / "log").mkdir()
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")]))
-    )
-    monkeypatch.setenv("WEATHER_RESTORE_IMPORT_LOG", str(folder / "log"))
-    return folder / "log"
-
 
 def files_loaded_by_stage(log: Path, stages: dict[str, dict]) -> dict[str, set[str]]:
     """The package's files each stage's command imported, by the command line each log records."""
@@ -293,70 +260,80 @@ def stages_changed_by_editing(root: Path, run, path: str) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_data_stages_run_then_second_repro_is_a_no_op(tiny_repo, run):
-    run(["dvc", "repro", "split"], tiny_repo)
-    manifest = json.loads((tiny_repo / "data/mwvd/manifest.json").read_text())
+def test_data_stages_run_then_second_repro_is_a_no_op(tiny_pipeline, built_tiny_repo, run):
+    for stage in ("assemble", "split"):
+        assert f"Running stage '{stage}'" in tiny_pipeline.output
+    manifest = json.loads((built_tiny_repo / "data/mwvd/manifest.json").read_text())
     for split, count in (("train", 2), ("test", 1)):
         for weather in WEATHERS:
             assert sum(c["split"] == split and c["weather"] == weather for c in manifest["clips"]) == count
     train = {c["source_video"] for c in manifest["clips"] if c["split"] == "train"}
     test = {c["source_video"] for c in manifest["clips"] if c["split"] == "test"}
     assert train and test and not train & test
-    first = (tiny_repo / "data/mwvd/manifest.json").read_bytes()
+    first = (built_tiny_repo / "data/mwvd/manifest.json").read_bytes()
 
-    again = run(["dvc", "repro", "split"], tiny_repo)
+    again = run(["dvc", "repro", "split"], built_tiny_repo)
     assert "didn't change, skipping" in again and "Running stage" not in again
-    assert "up to date" in run(["dvc", "status", "split"], tiny_repo).lower()
-    assert (tiny_repo / "data/mwvd/manifest.json").read_bytes() == first
+    assert "up to date" in run(["dvc", "status", "split"], built_tiny_repo).lower()
+    assert (built_tiny_repo / "data/mwvd/manifest.json").read_bytes() == first
 
 
 @pytest.mark.slow
-def test_changing_clip_params_reruns_only_split(tiny_repo, run):
-    run(["dvc", "repro", "split"], tiny_repo)
-    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+def test_changing_clip_params_reruns_only_split(built_tiny_repo, run):
+    params = yaml.safe_load((built_tiny_repo / "params.yaml").read_text())
     params["data"]["clips"]["seed"] = 7
-    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro", "split"], tiny_repo)
+    (built_tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro", "split"], built_tiny_repo)
     assert "Running stage 'split'" in out
     assert "Running stage 'assemble'" not in out
 
 
+def parameter_count(model: str, config: dict) -> int:
+    return sum(p.numel() for p in build_model(model, **config).parameters())
+
+
 @pytest.mark.slow
-def test_whole_pipeline_trains_evaluates_and_exports_both_models_then_is_a_no_op(tiny_repo, run, monkeypatch, tmp_path):
-    with monkeypatch.context() as logging_imports:
-        log = log_imports(logging_imports, tmp_path / "imports")
-        out = run(["dvc", "repro"], tiny_repo)
+def test_whole_pipeline_trains_evaluates_and_exports_both_models_then_is_a_no_op(
+    tiny_pipeline, built_tiny_repo, run, exportable_models
+):
+    from mlflow import MlflowClient
+
+    root = built_tiny_repo
     for model in ("dynstaticnet", "dwgn"):
         for stage in ("train", "evaluate", "export"):
-            assert f"Running stage '{stage}@{model}'" in out
-        export = json.loads((tiny_repo / "reports" / model / "export.json").read_text())
-        assert export["max_abs_diff"] <= 1e-4 and (tiny_repo / "models" / model / "model.onnx").is_file()
-        metrics = json.loads((tiny_repo / "reports" / model / "metrics.json").read_text())
+            assert f"Running stage '{stage}@{model}'" in tiny_pipeline.output
+        export = json.loads((root / "reports" / model / "export.json").read_text())
+        assert export["max_abs_diff"] <= 1e-4 and (root / "models" / model / "model.onnx").is_file()
+        metrics = json.loads((root / "reports" / model / "metrics.json").read_text())
         assert set(metrics["per_weather"]) == set(WEATHERS)
-        assert metrics["overall"]["lpips"] is None and metrics["params"] > 0
-        assert (tiny_repo / "reports" / model / "samples.png").is_file()
-        run_id = json.loads((tiny_repo / "models" / model / "run.json").read_text())["run_id"]
-        assert run_id
-    assert "| dynstaticnet | overall |" in (tiny_repo / "reports" / "compare.md").read_text()
+        assert metrics["overall"]["lpips"] is None
+        assert metrics["params"] == parameter_count(model, exportable_models[model])
+        assert (root / "reports" / model / "samples.png").is_file()
+        run_info = json.loads((root / "models" / model / "run.json").read_text())
+        tracked = MlflowClient(run_info["tracking_uri"]).get_run(run_info["run_id"])
+        assert run_info["tracking_uri"] == f"sqlite:///{root.resolve()}/mlflow.db"
+        assert tracked.info.status == "FINISHED"
+        assert tracked.data.metrics["test_psnr"] == pytest.approx(metrics["overall"]["psnr"])
+    assert "| dynstaticnet | overall |" in (root / "reports" / "compare.md").read_text()
 
-    stages = pipeline_stages(tiny_repo)
-    loaded = files_loaded_by_stage(log, stages)
+    stages = pipeline_stages(root)
+    loaded = files_loaded_by_stage(tiny_pipeline.imports, stages)
     assert set(loaded) == set(stages), "every stage ran and imported the package"
     for name, stage in stages.items():
         assert not sorted(loaded[name] - code_deps(stage)), f"{name} imported files dvc.yaml does not list"
 
-    again = run(["dvc", "repro"], tiny_repo)
+    again = run(["dvc", "repro"], root)
     assert "Running stage" not in again
     for path, expected in EDITS.items():
-        changed = stages_changed_by_editing(tiny_repo, run, path)
+        changed = stages_changed_by_editing(root, run, path)
         assert set(changed) == expected, path
         assert all(changes == [{"changed deps": {path: "modified"}}] for changes in changed.values()), path
-    assert json.loads(run(["dvc", "status", "--json"], tiny_repo)) == {}
+    assert json.loads(run(["dvc", "status", "--json"], root)) == {}
 
-    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params = yaml.safe_load((root / "params.yaml").read_text())
     params["training"]["dwgn"]["iterations"] += 1
-    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run(["dvc", "repro"], tiny_repo)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["dvc", "repro"], root)
     for stage in ("train", "evaluate", "export"):
         assert f"Running stage '{stage}@dwgn'" in changed
         assert f"Running stage '{stage}@dynstaticnet'" not in changed

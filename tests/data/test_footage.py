@@ -108,6 +108,14 @@ def test_camera_path_is_smooth_and_stays_inside_the_photograph(seed: int) -> Non
     assert coords[1].min() >= 0 and coords[1].max() <= photo[1] - 1
 
 
+def test_a_pan_that_fills_all_the_room_does_not_fail_on_rounding() -> None:
+    """The rocket at 32 px, 30 frames, with the generator's seed (0, 0, 4): the pan spans exactly the room left
+    around the crop, where the slack came out as -1e-13 and numpy refused the draw."""
+    rng = np.random.default_rng(np.random.SeedSequence([0, 0, 4]))
+    frames, depth = render_clean_video("rocket", 30, (32, 32), rng)
+    assert frames.shape == (30, 32, 32, 3) and depth.shape == (30, 32, 32)
+
+
 def test_video_moves_smoothly() -> None:
     frames, _ = render_clean_video("astronaut", 16, (48, 48), np.random.default_rng(3))
     steps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))

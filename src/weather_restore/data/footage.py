@@ -224,7 +224,7 @@ def camera_path(
     span = (offset.max(axis=0) - offset.min(axis=0)) / 2.0
     shrink = min(1.0, *(room / np.maximum(span, 1e-9)))
     offset *= shrink
-    slack = room - span * shrink
+    slack = np.maximum(room - span * shrink, 0.0)  # >= 0 exactly: rounding left -1e-13 when the pan fills the room
     centre = np.array([photo_h, photo_w]) / 2.0 + rng.uniform(-slack, slack) + offset
 
     shift = np.zeros(n_frames)

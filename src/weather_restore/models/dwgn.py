@@ -24,7 +24,7 @@ from torch import nn
 from weather_restore.models.layers import (
     ChannelLayerNorm,
     mirror_pad_to_multiple,
-    shifted_window_mask,
+    cached_shifted_window_mask,
     window_merge,
     window_partition,
 )
@@ -149,6 +149,18 @@ class DynamicGroupedConv(nn.Module):
         return kernels, self.scale(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return self.forward_any_batch(x)
+        # Eager: each image's own kernels, channel scale folded in, in one grouped convolution per image (no
+        # elementwise passes over the input); a Python loop over images would not export with a dynamic batch.
+        kernels, scale = self.kernels(x)
+        kernels = kernels * scale[:, :, None, None, None]
+        restored = [F.conv2d(x[i : i + 1], kernels[i], padding=1, groups=self.groups) for i in range(x.shape[0])]
+        return restored[0] if len(restored) == 1 else torch.cat(restored)
+
+    def forward_any_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer as one graph for any batch (exported and compiled): a static grouped convolution with
+        the template over the input scaled by s, plus the shared term times a 3x3 sum of each group."""
         pooled = global_average(x)
         s, shared = self.generator.factors(pooled)
         # The kernels' G4 * s part: the template over the input scaled per channel.
@@ -212,7 +224,7 @@ class HDMC(nn.Module):
         fused attention kernel in use.
         """
         bias = rearrange(self.relative_bias[self.bias_index], "t s h -> 1 h t s")
-        mask = shifted_window_mask(height, width, self.window, self.shift, device)[:, None]  # (nW, 1, ..)
+        mask = cached_shifted_window_mask(height, width, self.window, self.shift, device, bias.dtype)[:, None]
         return rearrange(bias + mask, "n h t s -> 1 (n h) t s")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from torch import nn
 from weather_restore.models.layers import (
     ChannelLayerNorm,
     HaarDWT,
+    cached_shifted_window_mask,
     mirror_pad_to_multiple,
-    shifted_window_mask,
     window_merge,
     window_partition,
 )
@@ -88,11 +88,13 @@ class Attention(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (N, G, L, C); mask, additive, (G, L, L) or None."""
         groups = tokens.shape[1]
-        q, k, v = self.qkv(tokens).chunk(3, dim=-1)  # (N, G, L, C) each
+        qkv = self.qkv(tokens)  # (N, G, L, 3C)
         if self.degradation_query is not None:
-            q = q + self.query_proj(self.degradation_query)
+            # q's third of the projection gets the projected query (k and v get zeros): one add, no split
+            query = self.query_proj(self.degradation_query)
+            qkv = qkv + F.pad(query, (0, 2 * query.shape[-1]))
         # groups into the head axis: 4-D inputs run the fused CPU kernel and one mask broadcasts over N
-        q, k, v = (rearrange(t, "n g l (h d) -> n (g h) l d", h=self.heads) for t in (q, k, v))
+        q, k, v = rearrange(qkv, "n g l (three h d) -> three n (g h) l d", three=3, h=self.heads)
         if mask is not None:
             mask = repeat(mask, "g l m -> 1 (g h) l m", h=self.heads)  # 4-D, or SDPA falls back to math
         out = F.scaled_dot_product_attention(
@@ -117,7 +119,7 @@ class WindowAttention(nn.Module):
         mask = None
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-            mask = shifted_window_mask(height, width, self.window, self.shift, x.device).to(x.dtype)
+            mask = cached_shifted_window_mask(height, width, self.window, self.shift, x.device, x.dtype)
         windows = self.attention(window_partition(x, self.window), mask)  # (N, nW, ws*ws, C)
         x = window_merge(windows, self.window, height, width)  # (N, H, W, C)
         if self.shift:
@@ -265,6 +267,9 @@ class DynStaticNet(nn.Module):
     def forward(self, degraded: torch.Tensor) -> torch.Tensor:
         frames, height, width = degraded.shape[1], degraded.shape[-2], degraded.shape[-1]
         x = rearrange(mirror_pad_to_multiple(degraded, self.multiple), "b t c h w -> (b t) c h w")
+        # Channels-last: convolutions skip their layout reorders, and the channel norms, window partitions and
+        # per-pixel token views read contiguous channels.
+        x = x.contiguous(memory_format=torch.channels_last)
         skip1 = self.encoder1(self.embed(x), frames)
         skip2 = self.encoder2(self.down1(skip1), frames)
         x = self.bottleneck(self.down2(skip2), frames)

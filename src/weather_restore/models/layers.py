@@ -42,10 +42,10 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=1, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        # One fused kernel over the last dim: on a channels-last x both permutes are views (no copy), and the
+        # exported graph gets ONNX's LayerNormalization instead of seven elementwise ops.
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -82,6 +82,26 @@ def shifted_window_mask(
     region = window_partition(region, window)[0, :, :, 0]  # (nW, window*window)
     different = region[:, :, None] != region[:, None, :]
     return torch.zeros(different.shape, device=device).masked_fill(different, float("-inf"))
+
+
+_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def cached_shifted_window_mask(
+    height: int, width: int, window: int, shift: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """`shifted_window_mask`, built once per size in eager mode (every shifted block of a forward reuses it).
+
+    While tracing for export or compiling, it is built in the graph instead, so that sizes stay symbolic.
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or not isinstance(height, int):
+        return shifted_window_mask(height, width, window, shift, device).to(dtype)
+    key = (height, width, window, shift, str(device), dtype)
+    if key not in _MASKS:
+        if len(_MASKS) >= 64:  # restore's tiles come in a handful of sizes; a long-lived process sees few more
+            _MASKS.clear()
+        _MASKS[key] = shifted_window_mask(height, width, window, shift, device).to(dtype)
+    return _MASKS[key]
 
 
 def mirror_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

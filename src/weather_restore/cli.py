@@ -324,11 +324,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p = add(
         "split",
         cmd_split,
-        "cut the source videos into clips and split them by source video (MWVD layout)",
+        "cut the source videos into clips and split them into train, val and test by source video (MWVD layout)",
         "Reads <data.root>/videos/index.json and the frames it lists, and params data.clips. Writes "
-        "<data.root>/mwvd/{train,test}/{input,gt}/<clip>/NNNN.png, {train,test}/physics/<clip>.npz, "
+        "<data.root>/mwvd/{train,val,test}/{input,gt}/<clip>/NNNN.png, {train,val,test}/physics/<clip>.npz, "
         "manifest.json (per clip: weather, split, source video, frame range, parameters, checksum) and "
-        "meta_info_{train,test}.txt (the published loader's annotation files).",
+        "meta_info_{train,val,test}.txt (the published loader's annotation files).",
     )
     p.add_argument("--videos", type=Path, help="assembled videos (default: <data.root>/videos)")
     p.add_argument("--out", type=Path, help="output folder (default: <data.root>/mwvd)")

@@ -24,7 +24,7 @@ class VideoRecord(BaseModel):
     video_id: str = Field(description="unique, path-safe id, e.g. 'synthetic/rain/astronaut-00'")
     weather: Weather
     source: str = Field(description="dataset name: synthetic, mwvd, rainsynall100, hazeworld, rvsd")
-    source_video: str = Field(description="id of the clean footage; the unit of the train/test split")
+    source_video: str = Field(description="id of the clean footage; the unit of the train/val/test split")
     split: Split | None = Field(default=None, description="the split the dataset itself assigns, if any")
     input_frames: list[Path]
     gt_frames: list[Path]

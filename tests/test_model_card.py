@@ -96,7 +96,8 @@ def test_register_attaches_a_card_that_names_the_manifest_and_the_metrics_and_sh
     rain = metrics["per_weather"]["rain"]
     row = next(line for line in card.splitlines() if line.startswith("| rain |"))
     assert f"{rain['psnr']:.2f} (input {rain['input_psnr']:.2f})" in row
-    assert f"{1e3 * rain['warp_error']:.3f} (input {1e3 * rain['input_warp_error']:.3f})" in row
+    warp = [1e3 * rain[key] for key in ("warp_error", "input_warp_error", "clean_warp_error")]
+    assert f"{warp[0]:.3f} (input {warp[1]:.3f}, clean {warp[2]:.3f})" in row
     assert "max |difference|" in card and f"--model models:/carded/{registration.version}" in card
     # The picture the card links is beside it in the run, and opens.
     (link,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)

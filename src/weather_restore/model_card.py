@@ -94,7 +94,8 @@ def _result_table(metrics: dict[str, Any]) -> list[str]:
     lines = ["| weather | " + " | ".join(label for label, *_ in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
     for weather, row in rows:
         cells = [
-            f"{_fmt(row.get(out), digits, scale)} (input {_fmt(row.get(inp), digits, scale)})"
+            f"{_fmt(row.get(out), digits, scale)} (input {_fmt(row.get(inp), digits, scale)}"
+            + (f", clean {_fmt(row.get('clean_warp_error'), digits, scale)})" if out == "warp_error" else ")")
             for _, out, inp, digits, scale in TABLE
         ]
         lines.append(f"| {weather} | " + " | ".join(cells) + " |")
@@ -137,7 +138,7 @@ def render(facts: CardFacts) -> str:
         lines.append(f"- Weathers: {', '.join(w for w in WEATHERS if any(counts[s].get(w) for s in counts))}")
         lines.append(
             f"- Sources: {', '.join(data['sources'])} ({data['source_videos']} clean source videos); "
-            + ("synthetic weather (the built-in generator)" if data["synthetic"] else "includes real or published data")
+            + ("synthetic weather (the built-in generator)" if data["synthetic"] else "not only the built-in generator")
         )
     else:
         lines.append("- The manifest's clips are not on this machine: only its checksum is known.")
@@ -154,8 +155,9 @@ def render(facts: CardFacts) -> str:
 
     lines += ["", f"## Test results ({metrics.get('clips', '?')} test clips)", ""]
     lines.append(
-        "Restored against the ground truth, beside the degraded input. PSNR and SSIM: higher is better; "
-        "LPIPS and the temporal errors: lower is better (see the README's *Reading the metrics*)."
+        "Restored against the ground truth, beside the degraded input (and, for the warping error, the clean clip: "
+        "the flow's own residual). PSNR and SSIM: higher is better; LPIPS and the temporal errors: lower is better "
+        "(see the README's *Reading the metrics*)."
     )
     lines.append("")
     lines += _result_table(metrics)

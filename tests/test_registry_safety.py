@@ -272,9 +272,9 @@ def test_evaluating_another_models_version_is_one_line(in_project, tiny_mwvd, tm
     uri = "models:/DynStaticNet@champion"
     args = ["evaluate", "--model", "dwgn", "--model-uri", uri, "--data", str(tiny_mwvd), "--out", str(tmp_path / "r")]
     assert main(args) == 2
-    assert one_line(capsys, "evaluate") == (
-        f"weather-restore evaluate: {uri} (version 1): holds a DynStaticNet model, not DwGN "
-        "(use --model dynstaticnet, or a dwgn model file)"
+    assert one_line(capsys, "evaluate") == (  # said from the URI, before the store is opened
+        f"weather-restore evaluate: {uri}: names a DynStaticNet version, not DwGN; use --model dynstaticnet, or a "
+        "URI of DwGN (models:/DwGN@champion)"
     )
     assert not (tmp_path / "r").exists()
 

@@ -118,3 +118,13 @@ def test_restore_report_writes_the_scores_of_its_input_and_output(tmp_path, fram
     scores = json.loads(report.read_text())
     assert scores["summary"]["output"] == str(out) and len(scores["frames"]) == 2
     assert all(isinstance(row["output_niqe"], float) for row in scores["frames"])
+
+
+def test_an_output_of_other_footage_is_refused_with_one_line(tmp_path, frames, capsys):
+    rainy = write_video(tmp_path / "rainy.mp4", noisy(frames, 0.08))
+    shorter = write_video(tmp_path / "short.mp4", frames[:2])
+    assert main(["score", str(rainy), str(shorter)]) == 2
+    assert f"{rainy}: has more frames than {shorter} (2): score an output of this input" in capsys.readouterr().err
+    smaller = write_video(tmp_path / "small.mp4", frames[:, :64, :64])
+    assert main(["score", str(rainy), str(smaller)]) == 2
+    assert "frame 0 is 64x64, the input's 128x128" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def render(facts: CardFacts) -> str:
     gflops = metrics.get("gflops")
     flops_input = metrics.get("gflops_input", "10x128x128")
     lines.append(
-        f"- Parameters: {metrics['params']:,}; FLOPs: "
+        f"- Parameters: {'unknown' if metrics.get('params') is None else format(metrics['params'], ',')}; FLOPs: "
         + (f"{gflops:.1f} GFLOPs for {flops_input} (frames x height x width)" if gflops is not None else "not counted")
     )
 
@@ -153,7 +153,7 @@ def render(facts: CardFacts) -> str:
             f"- MLflow run: `{facts.run_id}`" + (f" (git commit `{facts.git_commit}`)" if facts.git_commit else "")
         )
 
-    lines += ["", f"## Test results ({metrics.get('clips', '?')} test clips)", ""]
+    lines += ["", f"## Test results ({metrics.get('clips') or 'the'} test clips)", ""]
     lines.append(
         "Restored against the ground truth, beside the degraded input (and, for the warping error, the clean clip: "
         "the flow's own residual). PSNR and SSIM: higher is better; LPIPS and the temporal errors: lower is better "
@@ -277,7 +277,7 @@ def from_run(model: str, run: Run, name: str, version: str, data_root: Path | No
     metrics = {
         "overall": {key: figures.get(f"test_{key}") for key in METRIC_KEYS},
         "per_weather": per_weather,
-        "params": int(figures.get("params_count", 0)),
+        "params": int(figures["params_count"]) if "params_count" in figures else None,
         "gflops": figures.get("gflops"),
         "clips": None,
         "manifest_checksum": tags.get("test.manifest_checksum"),

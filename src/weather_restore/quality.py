@@ -15,6 +15,7 @@ the world: read a score against the input's score on the same footage, not as an
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -229,8 +230,11 @@ def score_footage(input_path: Path, output_path: Path, every: int = 1) -> dict:
     probe.close()
     rows: list[dict] = []
     previous: tuple[np.ndarray, np.ndarray] | None = None
-    pairs = zip(_frames(input_path), _frames(output_path, width), strict=False)
+    pairs = itertools.zip_longest(_frames(input_path), _frames(output_path, width))
     for index, (degraded, restored) in enumerate(pairs):
+        if degraded is None or restored is None:
+            longer, shorter = (input_path, output_path) if restored is None else (output_path, input_path)
+            raise DataError(f"{longer}: has more frames than {shorter} ({index}): score an output of this input")
         if restored.shape[:2] != degraded.shape[:2]:
             raise DataError(
                 f"{output_path}: frame {index} is {restored.shape[1]}x{restored.shape[0]}, the input's "

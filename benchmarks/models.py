@@ -1,46 +1,54 @@
-"""Cost of the two models on this machine's CPU: parameters, FLOPs, forward and training-step times.
+"""Cost of the two models on this machine's CPU: forward and training-step times, eager and ONNX Runtime.
 
-Both models see the same frames: DynStaticNet a clip [1, 10, 3, H, W], DwGN the same ten frames as a batch
-[10, 3, H, W]. Achieved GFLOP/s is set against the float32 matmul rate measured in the same run, and the times
-against the published code's (shared/spec/models.md: 2 CPU threads of this machine, float32, eager).
+The cases are issue 14's: DynStaticNet forward on 10-frame clips of 128² and 64² and a training step on 3 frames
+of 64²; DwGN forward on one frame of 128² and 256², a step on one frame of 128², and the 10-frame batch that
+`export` times. ONNX rows run the graph `export` ships: built by `export_onnx` (the stage's exporter and opset)
+and run in the stage's own session. Achieved GFLOP/s is set against the float32 matmul rate measured in the same
+run, and the published code's times (shared/spec/models.md: 2 threads of this machine, float32, eager, matmul at
+about 125 GFLOP/s) are scaled by that rate's ratio to this run's before they are compared.
 
-Run: python benchmarks/models.py   (writes reports/bench/models.json)
+Run: python benchmarks/models.py [--threads 2] [--models dynstaticnet,dwgn] [--no-onnx]
+(writes reports/bench/models.json)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weather_restore.export import median_seconds
+from weather_restore.config import ExportConfig
+from weather_restore.export import INPUT_NAME, export_onnx, median_seconds, onnx_session
 from weather_restore.metrics import count_flops
 from weather_restore.models import build_model
-from weather_restore.models.facts import MODEL_NAMES, model_facts
+from weather_restore.models.facts import MODEL_NAMES
+from weather_restore.outputs import atomic_write_text
 
-FRAMES = 10
-SIZES = (64, 128)
 REPEATS = 3
 OUTPUT = Path("reports/bench/models.json")
-# Peak memory of one DynStaticNet training step on a 10-frame 128x128 clip (measured: 13.8 GB resident);
-# on a shared machine with less free memory the step is skipped rather than risked.
-STEP_MEMORY_GB = {("dynstaticnet", 128): 15.0}
+SPEC_MATMUL_GFLOPS = 125.0  # the matmul rate of the run that measured the published code (117-138 GFLOP/s)
 
-# The published code's times in seconds (low, high) by (model, measure, size); DwGN's at batch 1 (one frame),
-# DynStaticNet's for one 10-frame clip.
-REFERENCE = {
-    ("dynstaticnet", "forward", 64): (1.1, 1.3),
-    ("dynstaticnet", "forward", 128): (3.4, 4.2),
-    ("dynstaticnet", "step", 64): (3.7, 5.1),
-    ("dwgn", "forward", 128): (1.0, 1.3),
-    ("dwgn", "step", 128): (4.0, 4.0),
-}
+# (model, measure, input shape, the published code's seconds from shared/spec/models.md or None)
+CASES = [
+    ("dynstaticnet", "forward", (1, 10, 3, 128, 128), 4.85),
+    ("dynstaticnet", "forward", (1, 10, 3, 64, 64), 1.38),
+    ("dynstaticnet", "step", (1, 3, 3, 64, 64), 1.16),
+    ("dwgn", "forward", (1, 3, 128, 128), 1.10),
+    ("dwgn", "forward", (1, 3, 256, 256), 4.12),
+    ("dwgn", "forward", (10, 3, 128, 128), None),  # the 10-frame batch `export` times
+    ("dwgn", "step", (1, 3, 128, 128), 4.35),
+]
+# Small examples to export from: the graphs have dynamic batch, frames, height and width.
+EXPORT_EXAMPLE = {"dynstaticnet": (1, 2, 3, 64, 64), "dwgn": (2, 3, 64, 64)}
 
 
 def warm_median(run: Callable[[], object], repeats: int = REPEATS) -> float:
@@ -57,134 +65,143 @@ def matmul_gflops(size: int = 2048) -> float:
 
 def forward_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         return warm_median(lambda: model(inputs))
 
 
 def step_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
-    """One Adam step on an L1 loss against a fixed target (after one warm-up step)."""
+    """One Adam step (the training's optimiser) on an MSE loss against a fixed target."""
     model.train()
     target = torch.rand_like(inputs)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999))
 
     def step() -> None:
-        loss = F.l1_loss(model(inputs), target)
-        optimizer.zero_grad()
+        loss = F.mse_loss(model(inputs), target)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    return warm_median(step, repeats=1)
+    seconds = warm_median(step)
+    model.eval()
+    return seconds
 
 
-def count_on_meta(name: str, shape: tuple[int, ...]) -> dict:
-    """FLOPs of one forward, counted on the meta device: they depend on shapes only, and no memory is used.
-
-    On meta, attention runs as plain matmuls, so its MACs are in "matmul" (count_flops on CPU splits them out).
-    """
+def count_on_meta(name: str, shape: tuple[int, ...]) -> float:
+    """FLOPs of one forward, counted on the meta device: they depend on shapes only, and no memory is used."""
     with torch.device("meta"):
-        return count_flops(build_model(name), torch.empty(shape))
+        return count_flops(build_model(name), torch.empty(shape))["flops"]
 
 
-def free_memory_gb() -> float:
-    """Free physical memory, page cache not counted (conservative)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+def shipped_session(model: nn.Module, name: str, folder: Path, threads: int) -> tuple[object, float]:
+    """The graph as `export` ships it, in the session `export` times it with; and the exporter's seconds."""
+    path = folder / f"{name}.onnx"
+    example = np.random.default_rng(0).random(EXPORT_EXAMPLE[name], dtype=np.float32)
+    seconds = export_onnx(model.eval(), name, example, path, ExportConfig())
+    return onnx_session(path, threads), seconds
 
 
-def ratio(seconds: float | None, reference: tuple[float, float] | None) -> str:
-    """'0.55-0.68x of 3.4-4.2 s': measured time over the reference range (below 1: faster than published)."""
-    if seconds is None or reference is None:
-        return "-"
-    low, high = reference
-    if low == high:
-        return f"{seconds / low:.2f}x of {low:g} s"
-    return f"{seconds / high:.2f}-{seconds / low:.2f}x of {low:g}-{high:g} s"
+def bench(names: list[str], threads: int, onnx: bool, rate: float) -> tuple[list[dict], dict]:
+    rows, exports = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            torch.manual_seed(0)
+            model = build_model(name).eval()
+            session = None
+            if onnx:
+                session, seconds = shipped_session(model, name, Path(folder), threads)
+                exports[name] = {"exporter": ExportConfig().exporter_for(name), "export_seconds": seconds}
+                print(f"  exported {name} in {seconds:.0f} s", flush=True)
+            for case_name, measure, shape, published in CASES:
+                if case_name != name:
+                    continue
+                inputs = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+                row: dict[str, object] = {"model": name, "measure": measure, "input": list(shape)}
+                if measure == "step":
+                    row["eager_s"] = step_seconds(model, inputs)
+                    if name == "dynstaticnet":  # the same step without attention dropout (a recipe option)
+                        torch.manual_seed(0)
+                        row["eager_no_dropout_s"] = step_seconds(build_model(name, dropout=0.0), inputs)
+                else:
+                    flops = count_on_meta(name, shape)
+                    row["gflop"] = flops / 1e9
+                    row["eager_s"] = forward_seconds(model, inputs)
+                    row["eager_gflops_per_s"] = flops / 1e9 / row["eager_s"]
+                    row["eager_fraction_of_matmul"] = row["eager_gflops_per_s"] / rate
+                    if session is not None:
+                        feed = {INPUT_NAME: inputs.numpy()}
+                        (restored,) = session.run(None, feed)
+                        with torch.inference_mode():
+                            row["onnx_max_abs_diff"] = float(np.abs(restored - model(inputs).numpy()).max())
+                        row["onnx_s"] = warm_median(lambda run=session.run, feed=feed: run(None, feed))
+                        row["onnx_speedup"] = row["eager_s"] / row["onnx_s"]
+                if published is not None:
+                    scaled = published * SPEC_MATMUL_GFLOPS / rate  # as if the published code ran now
+                    row["published_s"] = published
+                    row["published_scaled_s"] = scaled
+                    row["speedup_vs_published"] = scaled / row["eager_s"]
+                    if "eager_no_dropout_s" in row:
+                        row["speedup_vs_published_no_dropout"] = scaled / row["eager_no_dropout_s"]
+                rows.append(row)
+                print(f"  {name} {measure} {list(shape)}: {row}", flush=True)
+    return rows, exports
 
 
-def bench_model(name: str) -> list[dict[str, object]]:
-    torch.manual_seed(0)
-    model = build_model(name)
-    params = sum(p.numel() for p in model.parameters())
-    rows = []
-    for size in SIZES:
-        inputs = torch.rand(model_facts(name).input_shape(1, FRAMES, size, size))
-        flops = count_on_meta(name, tuple(inputs.shape))
-        forward = forward_seconds(model, inputs)
-        # batch 1 as published: one clip for DynStaticNet, one frame for DwGN
-        single = inputs if model_facts(name).video else inputs[:1]
-        single_forward = forward if model_facts(name).video else forward_seconds(model, single)
-        need = STEP_MEMORY_GB.get((name, size), 0.0)
-        step = step_seconds(model, single) if free_memory_gb() > need else None
-        if step is None:
-            print(f"  {name} step at {size}: skipped, needs {need:.0f} GB, {free_memory_gb():.0f} GB free")
-        rows.append(
-            {
-                "model": name,
-                "input": list(inputs.shape),
-                "params": params,
-                "gflops": flops["flops"] / 1e9,
-                "gmacs": flops["macs"] / 1e9,
-                "gmacs_by_kind": {kind: macs / 1e9 for kind, macs in flops["macs_by_kind"].items()},
-                "forward_s": forward,
-                "forward_per_frame_s": forward / FRAMES,
-                "achieved_gflops_per_s": flops["flops"] / 1e9 / forward,
-                "batch1_input": list(single.shape),
-                "batch1_forward_s": single_forward,
-                "batch1_step_s": step,
-                "forward_vs_published": ratio(single_forward, REFERENCE.get((name, "forward", size))),
-                "step_vs_published": ratio(step, REFERENCE.get((name, "step", size))),
-            }
-        )
-        print(f"  {name} {list(inputs.shape)}: forward {forward:.2f} s, step {step} s", flush=True)
-    return rows
-
-
-def print_table(rows: list[dict[str, object]], rate: float) -> None:
+def print_table(rows: list[dict], rate: float, threads: int) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nfloat32 matmul 2048^3: {rate:.0f} GFLOP/s on {torch.get_num_threads()} threads; load {load}")
+    print(f"\nfloat32 matmul 2048^3: {rate:.0f} GFLOP/s on {threads} threads; load average {load}")
     header = (
-        f"{'model':<13}{'input':<19}{'params':>11}{'GMACs':>8}{'fwd s':>8}{'s/frame':>8}{'GFLOP/s':>9}"
-        f"{'%peak':>7}  {'batch 1':<19}{'fwd s':>7}{'step s':>8}  {'fwd vs published':<24}step vs published"
+        f"{'model':<13}{'case':<9}{'input':<20}{'GFLOP':>7}{'eager s':>9}{'GFLOP/s':>9}{'%mm':>5}"
+        f"{'ONNX s':>8}{'ONNX x':>8}{'pub s':>7}{'pub@now':>9}{'vs pub':>8}"
     )
     print(header)
     print("-" * len(header))
+
+    def cell(row: dict, key: str, spec: str, width: int) -> str:
+        return f"{row[key]:>{width}{spec}}" if key in row else f"{'-':>{width}}"
+
     for r in rows:
-        step = f"{r['batch1_step_s']:.2f}" if r["batch1_step_s"] else "skipped"
+        percent = f"{100 * r['eager_fraction_of_matmul']:.0f}%" if "gflop" in r else "-"
         print(
-            f"{r['model']:<13}{str(r['input']):<19}{r['params']:>11,}{r['gmacs']:>8.2f}{r['forward_s']:>8.2f}"
-            f"{r['forward_per_frame_s']:>8.3f}{r['achieved_gflops_per_s']:>9.1f}"
-            f"{100 * r['fraction_of_matmul_rate']:>6.0f}%  {str(r['batch1_input']):<19}"
-            f"{r['batch1_forward_s']:>7.2f}{step:>8}  {r['forward_vs_published']:<24}{r['step_vs_published']}"
+            f"{r['model']:<13}{r['measure']:<9}{str(r['input']):<20}{cell(r, 'gflop', '.1f', 7)}"
+            f"{cell(r, 'eager_s', '.2f', 9)}{cell(r, 'eager_gflops_per_s', '.1f', 9)}"
+            f"{percent:>5}"
+            f"{cell(r, 'onnx_s', '.2f', 8)}{cell(r, 'onnx_speedup', '.2f', 8)}{cell(r, 'published_s', '.2f', 7)}"
+            f"{cell(r, 'published_scaled_s', '.2f', 9)}{cell(r, 'speedup_vs_published', '.2f', 8)}"
         )
+        if "eager_no_dropout_s" in r:
+            print(
+                f"{'':<13}{'  no attention dropout':<36}{r['eager_no_dropout_s']:>9.2f}{'':<46}"
+                f"{r.get('speedup_vs_published_no_dropout', float('nan')):>8.2f}"
+            )
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default=",".join(MODEL_NAMES))
+    parser.add_argument("--no-onnx", action="store_true", help="eager PyTorch only (no export)")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     start_rate = matmul_gflops()
     print(f"float32 matmul rate: {start_rate:.0f} GFLOP/s", flush=True)
-    rows, skipped = [], {}
-    for name in MODEL_NAMES:
-        try:
-            rows += bench_model(name)
-        except ImportError as error:
-            skipped[name] = f"cannot build: {error}"
-            print(f"  skipping {name}: {skipped[name]}", flush=True)
+    rows, exports = bench(args.models.split(","), args.threads, not args.no_onnx, start_rate)
     end_rate = matmul_gflops()
-    rate = max(start_rate, end_rate)  # the machine is shared: take the less disturbed measurement
-    for row in rows:
-        row["fraction_of_matmul_rate"] = row["achieved_gflops_per_s"] / rate
-    print_table(rows, rate)
+    # The rate at the start scales the published times and the fractions above; both are kept.
+    print_table(rows, start_rate, args.threads)
     report = {
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "threads": args.threads,
         "torch": torch.__version__,
         "matmul_gflops_per_s": {"start": start_rate, "end": end_rate},
-        "load_average": os.getloadavg(),
+        "spec_matmul_gflops_per_s": SPEC_MATMUL_GFLOPS,
+        "load_average_at_end": os.getloadavg(),
+        "exports": exports,
         "rows": rows,
-        "skipped": skipped,
     }
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    partial = OUTPUT.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, OUTPUT)
-    print(f"\nwrote {OUTPUT}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ window (DynStaticNet: a window every 5 frames, so tiles / 5 forwards per frame) 
 the median of the timed forwards (the warm-up one left out), and the pipeline's time is everything else
 (decoding, windows, blending, encoding) measured over the whole run.
 
-ONNX models are exported once at the tile's shape (the only shape the stage feeds them here) with the dynamo
-exporter of torch.onnx.export (minutes per model here) and cached in the system's temporary folder.
+ONNX models are the graphs `weather-restore export` ships (its exporter and dynamic axes, built by
+`export_onnx`), exported once and cached in the system's temporary folder.
 
 On a machine shared with other work, --threads 1 avoids the stalls of threads spinning for a busy core.
 
@@ -25,6 +25,7 @@ Run: python benchmarks/restore.py [--threads N] [--quick]   (writes reports/benc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -34,17 +35,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
+import weather_restore
+from weather_restore import models
 from weather_restore.checkpoint import save_checkpoint
+from weather_restore.config import ExportConfig
+from weather_restore.export import export_onnx
 from weather_restore.model_loading import LoadedModel, load_restorer
 from weather_restore.models import build_model
 from weather_restore.models.facts import MODEL_NAMES, model_facts
+from weather_restore.outputs import atomic_path
 from weather_restore.progress import show_progress
 from weather_restore.restore import restore
 from weather_restore.windows import TILE, TILE_OVERLAP, WINDOW, WINDOW_STRIDE, tile_starts
@@ -69,32 +74,21 @@ def forwards_per_frame(model: str, height: int, width: int) -> float:
 
 
 def onnx_file(model: str) -> Path:
-    """The default-config model with seed-0 weights, exported at the tile's shape (cached)."""
-    path = CACHE / f"{model}-{TILE}-torch{torch.__version__}.onnx"
+    """The default-config model with seed-0 weights, as `export` ships it (the stage's exporter, opset and dynamic
+    axes, through `export_onnx`), cached under a digest of the model and export code."""
+    sources = [Path(weather_restore.__file__).parent / "export.py", *sorted(Path(models.__file__).parent.glob("*.py"))]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()[:12]
+    path = CACHE / f"{model}-shipped-{digest}-torch{torch.__version__}.onnx"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         module = build_model(model).eval()
-        example = torch.rand(model_facts(model).input_shape(1, WINDOW if model_facts(model).video else 1, TILE, TILE))
-        print(f"exporting {model} to ONNX at {tuple(example.shape)} ...", flush=True)
-        started = time.perf_counter()
-        partial = path.with_name(f".{path.name}.partial")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # The dynamo exporter traces with fake tensors (about 1 GB here); the TorchScript one runs the model
-            # at full size while tracing and took over 8 GB for DynStaticNet's 10 x 256 x 256 window.
-            torch.onnx.export(
-                module,
-                (example,),
-                partial,
-                dynamo=True,
-                external_data=False,
-                opset_version=18,
-                input_names=["degraded"],
-                output_names=["restored"],
-            )
-        os.replace(partial, path)
-        print(f"  exported in {time.perf_counter() - started:.0f} s", flush=True)
+        # The shipped graph has dynamic batch, frames, height and width: a small example exports it.
+        example = np.random.default_rng(0).random(model_facts(model).input_shape(1, 2, 64, 64), dtype=np.float32)
+        print(f"exporting {model} to ONNX as the export stage does ...", flush=True)
+        with atomic_path(path) as partial:
+            seconds = export_onnx(module, model, example, partial, ExportConfig())
+        print(f"  exported in {seconds:.0f} s", flush=True)
     return path
 
 

@@ -108,6 +108,15 @@ def test_dynamic_grouped_conv_matches_the_batch_folded_grouped_conv(batch):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
+def test_dynamic_grouped_conv_for_any_batch_equals_the_per_image_convolutions(batch):
+    # eager runs one convolution per image; export and compile run the template form, one graph for any batch
+    torch.manual_seed(0)
+    conv = DynamicGroupedConv(48, 48, groups=3)
+    x = torch.randn(batch, 48, 11, 9)
+    torch.testing.assert_close(conv.forward_any_batch(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
 def test_dynamic_pointwise_conv_matches_the_batch_folded_conv_and_is_always_gated(batch):
     torch.manual_seed(0)
     conv = DynamicPointwiseConv(32, 64)

@@ -17,14 +17,17 @@ class HaarDWT(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        bank = torch.tensor(
-            [
-                [[1.0, 1.0], [1.0, 1.0]],
-                [[1.0, 1.0], [-1.0, -1.0]],
-                [[1.0, -1.0], [1.0, -1.0]],
-                [[1.0, -1.0], [-1.0, 1.0]],
-            ]
-        ) / 2.0
+        bank = (
+            torch.tensor(
+                [
+                    [[1.0, 1.0], [1.0, 1.0]],
+                    [[1.0, 1.0], [-1.0, -1.0]],
+                    [[1.0, -1.0], [1.0, -1.0]],
+                    [[1.0, -1.0], [-1.0, 1.0]],
+                ]
+            )
+            / 2.0
+        )
         self.channels = channels
         self.register_buffer("bank", bank.unsqueeze(1).repeat(channels, 1, 1, 1), persistent=False)  # (4C,1,2,2)
 

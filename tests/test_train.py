@@ -249,4 +249,4 @@ def test_two_processes_under_torchrun_follow_the_single_process_loss_curve(tiny_
     two = [float(r["loss"]) for r in read_rows(tmp_path / "two" / "reports" / "train.csv")]
     assert len(one) == len(two) == 8
     assert two == pytest.approx(one, rel=1e-3)
-    assert one[-1] < one[0]
+    assert sum(one[4:]) < sum(one[:4])  # it learns: single batches are noisy, halves less so

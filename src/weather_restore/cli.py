@@ -338,8 +338,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         cmd_train,
         "train one model on the MWVD training clips (resumable; runs under torchrun too)",
         "Reads params training.<model> and models.<model>, params tracking, and <data.root>/mwvd (manifest.json, "
-        "the train clips and a few test clips for validation). Writes models/<model>/checkpoint.pt (every "
-        "checkpoint_every iterations and at the end; a re-run resumes an unfinished one of the same config), "
+        "the train clips and a few val clips for validation; never the test clips). Writes "
+        "models/<model>/checkpoint.pt (every checkpoint_every iterations and at the end; a re-run resumes an "
+        "unfinished one of the same config), models/<model>/best.pt (the weights of the best validation PSNR, the "
+        "EMA's when training.<model>.ema_decay > 0), "
         "models/<model>/run.json (the MLflow run id), reports/<model>/train.csv and validation.csv, and an MLflow "
         "run (params, git commit, data checksum, loss, lr, validation PSNR, the model) in the store named by "
         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db with artifacts in mlartifacts/. Under "
@@ -355,15 +357,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "evaluate",
         cmd_evaluate,
         "measure a trained model on the test clips (PSNR, SSIM, LPIPS per clip, weather and overall)",
-        "Reads models/<model>/checkpoint.pt (or --checkpoint, or a registry --model-uri), <data.root>/mwvd (the "
+        "Reads the weights training.<model>.use names (models/<model>/best.pt or checkpoint.pt; or --checkpoint, or "
+        "a registry --model-uri), <data.root>/mwvd (the "
         "test clips) and params evaluation. Writes reports/<model>/metrics.json (overall and per weather, for the "
         "restored and the degraded input; params, GFLOPs of 10 frames at evaluation.flops_size, frames/s), "
-        "clips.csv and samples.png (input | output | ground truth, one clip per weather), and logs them to the "
-        "training's MLflow run named in models/<model>/run.json. LPIPS needs AlexNet's weights in the local torch "
+        "clips.csv and samples.png (input | output | ground truth, one clip per weather). Logs them to the "
+        "training's MLflow run named in models/<model>/run.json only when it evaluated those weights on the default "
+        "test set; any other evaluation goes into a new MLflow run tagged with what it evaluated (it says which). "
+        "LPIPS needs AlexNet's weights in the local torch "
         "cache; without them it is reported as unavailable, never downloaded.",
     )
     p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to evaluate")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: models/<model>/checkpoint.pt)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the weights training.<model>.use names)")
     p.add_argument("--model-uri", help="evaluate an MLflow model instead, e.g. models:/DwGN@champion")
     p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="reports folder (default: reports/<model>)")
@@ -371,7 +376,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "export",
         cmd_export,
         "export a trained model to ONNX and prove it matches PyTorch on a real test clip",
-        "Reads models/<model>/checkpoint.pt (or --checkpoint), the first test clip of <data.root>/mwvd and params "
+        "Reads the weights training.<model>.use names (models/<model>/best.pt or checkpoint.pt; or --checkpoint), "
+        "the first test clip of <data.root>/mwvd and params "
         "export. Writes models/<model>/model.onnx (opset export.opset; batch, height and width dynamic, and frames "
         "for DynStaticNet; onnx.checker passes) only when ONNX Runtime matches PyTorch on that clip at its size and "
         "at a second, ragged size (max |difference| <= export.atol, PSNR within export.psnr_tolerance_db), else "
@@ -380,7 +386,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "named in models/<model>/run.json.",
     )
     p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to export")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: models/<model>/checkpoint.pt; not logged)")
+    p.add_argument(
+        "--checkpoint", type=Path, help="checkpoint (default: what training.<model>.use names; others: not logged)"
+    )
     p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="ONNX file (default: models/<model>/model.onnx)")
     p.add_argument("--report", type=Path, help="report (default: reports/<model>/export.json)")

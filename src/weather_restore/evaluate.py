@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from weather_restore.data.records import WEATHERS
 from weather_restore.inference import restore_clip
 from weather_restore.metrics import LPIPSMetric, count_flops, psnr, ssim
 from weather_restore.models.facts import model_facts
+from weather_restore.outputs import atomic_path, atomic_write_text
 from weather_restore.progress import progress
 from weather_restore.temporal import TEMPORAL_KEYS, FlowCache, clip_errors
 
@@ -90,8 +92,8 @@ def samples_picture(samples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]
         for c, (name, tile) in enumerate(zip(("input", "output", "ground truth"), row, strict=True)):
             canvas.paste(Image.fromarray(tile), (c * width, top + label))
             draw.text((c * width + 2, top + 1), f"{weather}: {name}", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    with atomic_path(path) as temporary:
+        canvas.save(temporary, format="PNG")
 
 
 def evaluate_model(
@@ -166,12 +168,12 @@ def evaluate_model(
         if temporal
         else None,
     }
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(reports_dir / "clips.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["clip", "weather", "source_video", *METRIC_KEYS])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["clip", "weather", "source_video", *METRIC_KEYS])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(reports_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(reports_dir / "clips.csv", table.getvalue())
     samples_picture([samples[w] for w in WEATHERS if w in samples], reports_dir / "samples.png")
     overall = metrics["overall"]
     log.info(
@@ -421,7 +423,6 @@ def write_comparison(reports_root: Path, models: list[str]) -> Path:
     """Gather reports/<model>/metrics.json of the given models into reports/compare.md. A model without a
     readable metrics.json is refused before anything is written: compare.md keeps its previous table."""
     from weather_restore.errors import DataError
-    from weather_restore.outputs import atomic_write_text
 
     found = {}
     for name in models:

@@ -1,5 +1,6 @@
 """MLflow tracking against real stores: an embedded SQLite store, and a real `mlflow server` on 127.0.0.1."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -81,8 +82,8 @@ def check_run(info: RunInfo, project: Path, model: str, params: dict, iterations
     client = mlflow.MlflowClient(info.tracking_uri)
     run = client.get_run(info.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params[f"training.{model}.lr"] == str(params["training"][model]["lr"])
-    assert run.data.params[f"models.{model}.dim"] == str(params["models"][model]["dim"])
+    assert run.data.params["lr"] == str(params["training"][model]["lr"])
+    assert json.loads(run.data.params["architecture"])["dim"] == params["models"][model]["dim"]
     assert len(run.data.params["data.manifest_checksum"]) == 64
     assert [m.step for m in client.get_metric_history(info.run_id, "loss")] == list(range(1, iterations + 1))
     assert [m.step for m in client.get_metric_history(info.run_id, "val_psnr")] == [3, 6]

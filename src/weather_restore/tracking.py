@@ -202,6 +202,17 @@ def end_interrupted_runs(run_ids: Iterable[str | None]) -> list[str]:
     return ended
 
 
+def dvc_experiment_tags() -> dict[str, str]:
+    """Inside `dvc exp run`, the experiment's name and baseline commit as run tags (`dvc.experiment`,
+    `dvc.baseline_rev`: DVC gives them to the stages it runs as DVC_EXP_NAME and DVC_EXP_BASELINE_REV), so the
+    run and `dvc exp show` name each other; {} outside an experiment."""
+    found = {
+        "dvc.experiment": os.environ.get("DVC_EXP_NAME"),
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),
+    }
+    return {key: value for key, value in found.items() if value}
+
+
 def comparable_params(
     model: str,
     training: Mapping[str, Any],

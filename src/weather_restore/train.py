@@ -711,6 +711,7 @@ class Trainer:
                 "world_size": self.ctx.world_size,
                 "device": self.ctx.device.type,
                 "data.manifest_checksum": self.config["data"],
+                **tracking.dvc_experiment_tags(),
             }
             if commit:
                 tags |= {"mlflow.source.git.commit": commit, "git_dirty": dirty}

@@ -120,7 +120,7 @@ def assign_splits(records: list[VideoRecord], cfg: ClipsConfig) -> dict[str, Spl
     if empty := [split for split in SPLITS if not sum(have[split].values())]:
         raise ClipError(
             f"the {len(groups)} source videos cannot give every split one of its own: no clip is left for "
-            f"{' and '.join(empty)} (train, val and test share none). Add source videos (params.yaml "
+            f"{' and '.join(empty)} (train, val and test share none). Add source videos (the params "
             "data.synthetic.videos_per_weather, or data.sources), or set data.clips.respect_source_split: false "
             "if the datasets' own splits hold them all"
         )
@@ -226,7 +226,7 @@ def select_clips(records: list[VideoRecord], assignment: dict[str, Split], cfg: 
                 )
     if shortages:
         raise ClipError(
-            "the sources cannot supply the clips asked for in params.yaml data.clips "
+            "the sources cannot supply the clips the params data.clips ask for "
             f"(clip_len {cfg.clip_len}): "
             + "; ".join(shortages)
             + ". Lower train_per_weather/val_per_weather/test_per_weather (0 = all available) or add videos."

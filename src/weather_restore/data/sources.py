@@ -171,7 +171,7 @@ def _mwvd_weather(
         source = (
             f"{map_path} has no line for '{key}'"
             if map_path is not None
-            else "no weather_map file or weather is set (params.yaml data.sources)"
+            else "its entry of the params data.sources sets no weather_map file or weather"
         )
         raise DataError(f"{clip_dir}: weather unknown: the name has no haze_/rain_/snow_ prefix and {source}")
     return weather
@@ -453,7 +453,7 @@ def _only_sibling(folder: Path, name: str) -> str:
     if len(others) != 1:
         raise DataError(
             f"{folder}: cannot tell the snowy folder among {others or 'no folders'} beside {name}/; "
-            "set it (params.yaml data.sources: input_folder)"
+            "set input_folder in its entry of the params data.sources"
         )
     return others[0]
 

@@ -150,7 +150,7 @@ CLI_ROWS = {
     "crf": (["restore", "photo.png", "-o", "out.mp4", "--model", "dwgn.pt", "--crf", "100"], ["--crf", "0 to 51"]),
     "threads": (["restore", "photo.png", "-o", "out.png", "--model", "dwgn.pt", "--threads", "-1"], ["--threads"]),
     "fps-0": (["restore", "photo.png", "-o", "out.mp4", "--model", "dwgn.pt", "--fps", "0"], ["--fps", "above 0"]),
-    "fps-negative": (["restore", "photo.png", "-o", "out.mp4", "--model", "dwgn.pt", "--fps=-3"], ["--fps", "-3"]),
+    "fps-negative": (["restore", "photo.png", "-o", "out.mp4", "--model", "dwgn.pt", "--fps", "-3"], ["--fps", "-3"]),
     "device": (["restore", "photo.png", "-o", "out.png", "--model", "dwgn.pt", "--device", "bogus"], ["--device"]),
     "not-a-checkpoint": (
         ["restore", "photo.png", "-o", "out.png", "--model", "random.pt"],

@@ -135,17 +135,18 @@ def reference(tmp_path_factory, tiny_mwvd, params_dict) -> Path:
     return project
 
 
-def check_like_reference(project: Path, reference: Path) -> str:
-    """The same weights bit for bit, one finished MLflow run holding each loss step once with the reference's
-    values, and a complete run.json naming that run; returns the run id."""
+def check_like_reference(project: Path, reference: Path, killed: tuple[str, ...] = ()) -> str:
+    """The same weights bit for bit, one finished MLflow run (beside the `killed` ones, marked KILLED) holding each
+    loss step once with the reference's values, and a complete run.json naming that run; returns the run id."""
     whole = load_checkpoint(reference / "models/dwgn/checkpoint.pt")
     state = load_checkpoint(project / "models/dwgn/checkpoint.pt")
     assert state["iteration"] == ITERATIONS
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, state["model"][name]), name
-    runs = all_runs(project)
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    run_id = runs[0].info.run_id
+    statuses = {r.info.run_id: r.info.status for r in all_runs(project)}
+    assert [statuses.pop(run_id) for run_id in killed] == ["KILLED"] * len(killed)
+    ((run_id, status),) = statuses.items()
+    assert status == "FINISHED"
     (reference_run,) = all_runs(reference)
     assert losses(project, run_id) == losses(reference, reference_run.info.run_id)
     assert [step for step, _ in losses(project, run_id)] == list(range(1, ITERATIONS + 1))
@@ -158,23 +159,32 @@ def test_the_reference_training_is_one_finished_run(reference):
     check_like_reference(reference, reference)
 
 
-def test_killed_mid_iterations_a_rerun_resumes_into_the_same_run_without_repeating_a_step(
+def test_killed_before_the_first_checkpoint_then_mid_iterations_a_rerun_resumes_without_repeating_a_step(
     tmp_path, tiny_mwvd, params_dict, reference
 ):
     project = new_project(tmp_path / "project", params_dict)
-    # Killed as iteration 7 starts: the checkpoint is at 4, the rows of 5 and 6 were computed after it.
-    kill_on_call(project, "weather_restore.train:train_step", 7, stage(project, tiny_mwvd, "train"))
+    train_args = stage(project, tiny_mwvd, "train")
+    # Killed as iteration 2 starts, before any checkpoint: nothing to resume from.
+    kill_on_call(project, "weather_restore.train:train_step", 2, train_args)
+    assert not (project / "models/dwgn/checkpoint.pt").exists()
+    (first,) = all_runs(project)
+
+    # The next training starts afresh, in a new run, and marks the one left RUNNING as KILLED. It is killed in
+    # turn as iteration 7 starts: the checkpoint is at 4, the rows of 5 and 6 were computed after it.
+    kill_on_call(project, "weather_restore.train:train_step", 7, train_args)
     assert load_checkpoint(project / "models/dwgn/checkpoint.pt")["iteration"] == 4
-    (killed,) = all_runs(project)
-    assert killed.info.status == "RUNNING"
-    assert [step for step, _ in losses(project, killed.info.run_id)] == [1, 2, 3, 4]
+    statuses = {r.info.run_id: r.info.status for r in all_runs(project)}
+    assert statuses.pop(first.info.run_id) == "KILLED"
+    ((second, status),) = statuses.items()
+    assert status == "RUNNING"
+    assert [step for step, _ in losses(project, second)] == [1, 2, 3, 4]
 
-    run_cli(project, stage(project, tiny_mwvd, "train"))
+    run_cli(project, train_args)
 
-    assert check_like_reference(project, reference) == killed.info.run_id
+    assert check_like_reference(project, reference, killed=(first.info.run_id,)) == second
 
 
-def test_killed_after_the_last_checkpoint_a_rerun_finishes_the_logging_without_training_again(
+def test_killed_while_training_then_evaluation_log_into_the_run_reruns_finish_the_logging_without_duplicates(
     tmp_path, tiny_mwvd, params_dict, reference
 ):
     project = new_project(tmp_path / "project", params_dict)
@@ -185,49 +195,25 @@ def test_killed_after_the_last_checkpoint_a_rerun_finishes_the_logging_without_t
     assert not read_run_info(project / "models/dwgn/run.json", finished_only=False).complete
     trained, curves = digest(checkpoint), (project / "reports/dwgn/train.csv").read_text()
 
-    run_cli(project, stage(project, tiny_mwvd, "train"))
+    run_cli(project, stage(project, tiny_mwvd, "train"))  # finishes the logging without training again
 
     run_id = check_like_reference(project, reference)
     assert digest(checkpoint) == trained and (project / "reports/dwgn/train.csv").read_text() == curves
     artifacts = {a.path for a in client(project).list_artifacts(run_id)}
     assert {"train.csv", "validation.csv"} <= artifacts
 
-
-def test_killed_while_evaluation_logs_into_the_run_it_stays_finished_and_a_rerun_adds_no_duplicates(
-    tmp_path, tiny_mwvd, params_dict, reference
-):
-    project = new_project(tmp_path / "project", params_dict)
-    run_cli(project, stage(project, tiny_mwvd, "train"))
-    # Killed as evaluation uploads its reports, after it logged its metrics.
+    # Killed as evaluation uploads its reports, after it logged its metrics: the run stays FINISHED.
     kill_on_call(project, "mlflow:MlflowClient.log_artifact", 1, stage(project, tiny_mwvd, "evaluate"))
     (run,) = all_runs(project)
     assert run.info.status == "FINISHED" and "test_psnr" in run.data.metrics
 
     run_cli(project, stage(project, tiny_mwvd, "evaluate"))
 
-    run_id = check_like_reference(project, reference)
+    assert check_like_reference(project, reference) == run_id
     assert len(client(project).get_metric_history(run_id, "test_psnr")) == 1
     assert {"evaluation/metrics.json", "evaluation/clips.csv"} <= {
         a.path for a in client(project).list_artifacts(run_id, "evaluation")
     }
-
-
-def test_a_training_killed_before_its_first_checkpoint_is_marked_killed_when_the_next_starts_afresh(
-    tmp_path, tiny_mwvd, params_dict, reference
-):
-    project = new_project(tmp_path / "project", params_dict)
-    kill_on_call(project, "weather_restore.train:train_step", 2, stage(project, tiny_mwvd, "train"))
-    assert not (project / "models/dwgn/checkpoint.pt").exists()
-    (killed,) = all_runs(project)
-
-    run_cli(project, stage(project, tiny_mwvd, "train"))
-
-    statuses = {r.info.run_id: r.info.status for r in all_runs(project)}
-    assert statuses.pop(killed.info.run_id) == "KILLED"
-    assert list(statuses.values()) == ["FINISHED"]
-    whole = load_checkpoint(reference / "models/dwgn/checkpoint.pt")["model"]
-    state = load_checkpoint(project / "models/dwgn/checkpoint.pt")["model"]
-    assert all(torch.equal(tensor, state[name]) for name, tensor in whole.items())
 
 
 def test_a_tracking_error_at_the_end_fails_the_run_and_a_rerun_finishes_it(

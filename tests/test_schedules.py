@@ -1,0 +1,84 @@
+"""`evaluate-champions` on a schedule: `prefect deploy` gives the deployment its daily cron, off until turned on, on a
+real Prefect server; the flow evaluates a schedule slot once, however many runs Prefect makes for it, and a run
+that fails gives its slot back. Real flow runs (Prefect's test harness), a real built repository and registry.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prefect.client.schemas.objects import FlowRun
+
+from pipelines.flows import StageFailed, evaluate_champions
+from pipelines.schedules import claim_path, run_slot
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+DEPLOYMENT = "evaluate-champions/evaluate-champions"
+SLOT = "20261202T0600Z"
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> str:
+    """A real temporary Prefect server for the module; its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def test_the_deployment_has_a_daily_schedule_that_is_off_until_turned_on(prefect_api, tiny_repo, tmp_path, run):
+    from prefect.client.orchestration import get_client
+
+    env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_CLI_PROMPT": "false"}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    run([prefect, "work-pool", "create", "weather-restore", "--type", "process"], tiny_repo, **env)
+    run([prefect, "deploy", "--name", "evaluate-champions", "--no-prompt"], tiny_repo, **env)
+
+    with get_client(sync_client=True) as client:
+        (schedule,) = client.read_deployment_by_name(DEPLOYMENT).schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 6 * * *", "UTC", False)
+
+    # As the README turns it on.
+    run([prefect, "deployment", "schedule", "resume", DEPLOYMENT, str(schedule.id)], tiny_repo, **env)
+    with get_client(sync_client=True) as client:
+        (schedule,) = client.read_deployment_by_name(DEPLOYMENT).schedules
+    assert schedule.active is True
+
+
+def test_two_runs_for_one_slot_evaluate_once_and_a_failed_run_gives_its_slot_back(prefect_api, built_tiny_repo, run):
+    run(["weather-restore", "register", "--model", "dwgn"], built_tiny_repo)
+    run(["weather-restore", "promote", "--model", "dwgn"], built_tiny_repo)
+    metrics = built_tiny_repo / "reports" / "champion" / "dwgn" / "metrics.json"
+
+    first = evaluate_champions(models=["dwgn"], repo=str(built_tiny_repo), slot=SLOT)
+    evaluated = metrics.stat().st_mtime_ns
+    second = evaluate_champions(models=["dwgn"], repo=str(built_tiny_repo), slot=SLOT)
+
+    assert set(first) == {"dwgn"} and first["dwgn"]["overall"]["psnr"] > 0
+    assert second == {}
+    assert metrics.stat().st_mtime_ns == evaluated  # the second run evaluated nothing
+    record = json.loads(claim_path(built_tiny_repo, "evaluate-champions", SLOT).read_text())
+    assert record["slot"] == SLOT and record["flow_run_id"]
+
+    # DynStaticNet has no champion: the run fails, and the next run for its slot tries again.
+    with pytest.raises(StageFailed, match="DynStaticNet"):
+        evaluate_champions(models=["dynstaticnet"], repo=str(built_tiny_repo), slot="20261203T0600Z")
+    assert not claim_path(built_tiny_repo, "evaluate-champions", "20261203T0600Z").exists()
+    assert claim_path(built_tiny_repo, "evaluate-champions", SLOT).exists()
+
+
+def test_a_scheduled_run_takes_its_slot_from_its_scheduled_time_and_a_run_by_hand_has_none():
+    when = datetime(2026, 12, 2, 6, 0, 41, tzinfo=UTC)
+    scheduled = FlowRun(flow_id=uuid.uuid4(), auto_scheduled=True, expected_start_time=when)
+    by_hand = FlowRun(flow_id=uuid.uuid4(), auto_scheduled=False, expected_start_time=when)
+
+    assert run_slot({}, scheduled) == SLOT
+    assert run_slot({"slot": None}, by_hand) is None
+    assert run_slot({"slot": "monthly-1"}, by_hand) == "monthly-1"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from weather_restore.config import ClipsConfig
+from weather_restore.config import ClipsConfig, ExportConfig, ExportExporters
 from weather_restore.data.clips import write_clips
 from weather_restore.data.frames import write_frame
 from weather_restore.data.records import WEATHERS, VideoRecord
@@ -104,6 +104,7 @@ TINY_TRAINING = {
     "val_clips": 2,
     "val_frames": 2,
     "deterministic": True,
+    "use": "best",  # the default, spelt out: dvc.yaml's evaluate and export stages depend on it in params.yaml
 }
 
 
@@ -120,14 +121,25 @@ def exportable_models() -> dict:
     return EXPORTABLE_MODELS
 
 
+# One exporter per model, so that the tests go through both (params.yaml traces both models: dynamo's export takes
+# minutes on the full ones, seconds on these).
+EXPORT_CONFIG = ExportConfig(exporter=ExportExporters(dynstaticnet="dynamo", dwgn="torchscript"), latency_repeats=1)
+
+
+@pytest.fixture(scope="session")
+def export_config() -> ExportConfig:
+    """The export settings of `exported_models`."""
+    return EXPORT_CONFIG
+
+
 @pytest.fixture(scope="session")
 def exported_models(tmp_path_factory, tiny_mwvd) -> dict[str, dict[str, Path]]:
-    """Per model: an untrained (seed 0) exportable checkpoint and its ONNX graph made by the export stage (stamped
-    with the metadata restore and the registry require, parity checked), with the stage's report."""
+    """Per model: an untrained (seed 0) exportable checkpoint and its ONNX graph made by the export stage with
+    EXPORT_CONFIG (stamped with the metadata restore and the registry require, parity checked), with the stage's
+    report. The one export of each model the tests share."""
     import torch
 
     from weather_restore.checkpoint import save_checkpoint
-    from weather_restore.config import ExportConfig
     from weather_restore.export import export_model
     from weather_restore.models import build_model
 
@@ -136,10 +148,10 @@ def exported_models(tmp_path_factory, tiny_mwvd) -> dict[str, dict[str, Path]]:
     for name, config in EXPORTABLE_MODELS.items():
         torch.manual_seed(0)
         model = build_model(name, **config).eval()
-        checkpoint = root / f"{name}.pt"
+        checkpoint = root / name / "checkpoint.pt"  # the stage's own file names, which it logs to MLflow
         save_checkpoint(checkpoint, {"model": model.state_dict(), "model_name": name, "model_config": config})
-        onnx_path, report = root / f"{name}.onnx", root / f"{name}-export.json"
-        export_model(name, checkpoint, tiny_mwvd, onnx_path, report, ExportConfig(latency_repeats=1))
+        onnx_path, report = root / name / "model.onnx", root / name / "export.json"
+        export_model(name, checkpoint, tiny_mwvd, onnx_path, report, EXPORT_CONFIG)
         files[name] = {"pt": checkpoint, "onnx": onnx_path, "report": report}
     return files
 
@@ -224,7 +236,8 @@ def make_tiny_repo(root: Path, models: dict) -> Path:
     synthetic["photographs"] = synthetic["photographs"][:3]
     params["data"]["clips"].update(train_per_weather=2, val_per_weather=1, test_per_weather=1)
     params["models"] = models
-    params["training"] = {name: dict(TINY_TRAINING) for name in models}
+    # Over the file's own settings: dvc.yaml names some of them (training.<model>.use) as stage parameters.
+    params["training"] = {name: {**params["training"].get(name, {}), **TINY_TRAINING} for name in models}
     params["evaluation"] = {"max_clips": 0, "lpips": False, "flops_size": [32, 32]}
     params["export"] = {**params.get("export", {}), "latency_repeats": 1}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from weather_restore.checkpoint import save_checkpoint
-from weather_restore.config import ExportConfig, ExportExporters
+from weather_restore.checkpoint import load_model, save_checkpoint
+from weather_restore.config import ExportConfig
 from weather_restore.errors import ModelFileError
 from weather_restore.export import ExportError, export_model, log_export
 from weather_restore.models import build_model
@@ -18,8 +18,7 @@ from weather_restore.tracking import RunInfo, write_run_info
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = ("dynstaticnet", "dwgn")
-# Both exporters are tested, one per model: params.yaml traces both (dynamo is minutes slower on full models).
-CONFIG = ExportConfig(exporter=ExportExporters(dynstaticnet="dynamo", dwgn="torchscript"), latency_repeats=1)
+CONFIG = ExportConfig(latency_repeats=1)
 
 
 def tiny_checkpoint(path, name: str, config: dict) -> torch.nn.Module:
@@ -30,31 +29,30 @@ def tiny_checkpoint(path, name: str, config: dict) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_mwvd, tmp_path_factory, exportable_models):
-    """Per model: the eager model, the ONNX file and the report of one export_model run."""
-    root = tmp_path_factory.mktemp("export")
+def exported(exported_models):
+    """Per model: the eager model, the ONNX file and the report of the shared export_model run."""
     results = {}
     for name in MODELS:
-        model = tiny_checkpoint(root / f"{name}.pt", name, exportable_models[name])
-        onnx_path, report_path = root / name / "model.onnx", root / name / "export.json"
-        report = export_model(name, root / f"{name}.pt", tiny_mwvd, onnx_path, report_path, CONFIG)
-        results[name] = (model, onnx_path, report_path, report)
+        files = exported_models[name]
+        model = load_model(files["pt"], "cpu", expected=name).eval()
+        results[name] = (model, files["onnx"], files["report"], json.loads(files["report"].read_text()))
     return results
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_the_graph_passes_the_checker_and_names_its_model(exported, name):
+def test_the_graph_passes_the_checker_and_names_its_model(exported, name, export_config):
     _, onnx_path, _, report = exported[name]
     graph = onnx.load(str(onnx_path))
     onnx.checker.check_model(graph, full_check=True)
     metadata = {p.key: p.value for p in graph.metadata_props}
     assert metadata["model_name"] == name
-    assert metadata["exporter"] == report["exporter"] == CONFIG.exporter_for(name)
-    assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) == CONFIG.opset
+    assert metadata["exporter"] == report["exporter"] == export_config.exporter_for(name)
+    assert {report["exporter"] for *_, report in exported.values()} == {"dynamo", "torchscript"}  # both tested
+    assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) == export_config.opset
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_parity_is_checked_on_a_real_test_clip_at_two_sizes(exported, name, tiny_mwvd):
+def test_parity_is_checked_on_a_real_test_clip_at_two_sizes(exported, name, tiny_mwvd, export_config):
     _, _, report_path, report = exported[name]
     assert json.loads(report_path.read_text()) == report
     first, second = report["parity"]
@@ -62,9 +60,9 @@ def test_parity_is_checked_on_a_real_test_clip_at_two_sizes(exported, name, tiny
     assert report["manifest_checksum"] == manifest["checksum"]
     assert first["shape"][-2:] == [32, 32] and second["shape"][-2:] != first["shape"][-2:]
     for row in report["parity"]:
-        assert row["max_abs_diff"] <= CONFIG.atol
-        assert row["psnr_diff_db"] <= CONFIG.psnr_tolerance_db
-        assert row["psnr_pytorch"] == pytest.approx(row["psnr_onnxruntime"], abs=CONFIG.psnr_tolerance_db)
+        assert row["max_abs_diff"] <= export_config.atol
+        assert row["psnr_diff_db"] <= export_config.psnr_tolerance_db
+        assert row["psnr_pytorch"] == pytest.approx(row["psnr_onnxruntime"], abs=export_config.psnr_tolerance_db)
     assert report["latency"]["pytorch_s"] > 0 and report["latency"]["onnxruntime_s"] > 0
 
 

@@ -129,12 +129,17 @@ def _dvc_json(args: list[str], repo: Path) -> Any:
     return json.loads(done.stdout or "{}")
 
 
+def _target(repo: Path, stage: str) -> str:
+    # The Repo API resolves targets against the process's working directory: name the dvc.yaml in full.
+    return f"{repo / 'dvc.yaml'}:{stage}"
+
+
 def pipeline_of(stage: str, repo: Path) -> list[str]:
     """`stage` and every stage it depends on, dependencies first (`train@dwgn` for a foreach item), from DVC."""
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc:
-        return [found.addressing for found in dvc.stage.collect(stage, with_deps=True)]
+        return [found.name for found in dvc.stage.collect(_target(repo, stage), with_deps=True)]
 
 
 def is_stale(stage: str, repo: Path) -> bool:
@@ -143,15 +148,15 @@ def is_stale(stage: str, repo: Path) -> bool:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc:
-        return bool(dvc.status(targets=[stage]))
+        return bool(dvc.status(targets=[_target(repo, stage)]))
 
 
 def pipeline_stages(repo: Path) -> set[str]:
-    """Every stage DVC finds in the repository, so the flow follows the pipeline."""
+    """Every stage of the repository's dvc.yaml, as DVC reads it, so the flow follows the pipeline."""
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc:
-        return {found.addressing for found in dvc.index.stages}
+        return {found.name for found in dvc.index.stages if Path(found.path).resolve() == (repo / "dvc.yaml").resolve()}
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}")
@@ -180,22 +185,38 @@ def repro(stage: str, repo: str, timeout_s: float | None = None, single_item: bo
 
 @task(name="dvc-exp-run", task_run_name="dvc exp run {name}")
 def experiment(
-    name: str, targets: list[str], overrides: dict[str, Any], repo: str, timeout_s: float | None = None
+    name: str,
+    models: list[str],
+    targets: list[str],
+    overrides: dict[str, Any],
+    repo: str,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """`dvc exp run --temp --set-param ...`: the stages as one DVC experiment named `name`, run in a temporary
     copy of the repository, so the workspace (params.yaml, dvc.lock, outputs) stays as it is; its MLflow runs go
-    to the workspace's store. Returns the experiment's params and metrics as `dvc exp show` has them."""
+    to the workspace's store. Returns the experiment's params as `dvc exp show` has them and, per model, the
+    MLflow run of its training (models/<model>/run.json as the experiment holds it), where its metrics are."""
+    import dvc.api
+
     root = Path(repo)
     settings = [f"--set-param={key}={json.dumps(value)}" for key, value in overrides.items()]
     cmd = ["dvc", "exp", "run", "--temp", "--name", name, *settings, *targets]
     code, output = stream(cmd, root, timeout_s, {"MLFLOW_TRACKING_URI": _tracking_uri(root)})
     if code != 0:
         raise _failure(cmd, code, output)
-    for baseline in _dvc_json(["exp", "show", "--no-fetch"], root):
-        for found in baseline.get("experiments") or []:
-            if found.get("name") == name:
-                return found["revs"][0]["data"]
-    raise StageFailed(f"dvc exp show does not list the experiment {name} that `{' '.join(cmd)}` ran")
+    shown = [
+        found
+        for baseline in _dvc_json(["exp", "show", "--no-fetch"], root)
+        for found in baseline.get("experiments") or []
+    ]
+    params = next((found["revs"][0]["data"]["params"] for found in shown if found.get("name") == name), None)
+    if params is None:
+        raise StageFailed(f"dvc exp show does not list the experiment {name} that `{' '.join(cmd)}` ran")
+    runs = {
+        model: json.loads(dvc.api.read(f"models/{model}/run.json", repo=str(root), rev=name)).get("run_id")
+        for model in models
+    }
+    return {"name": name, "params": params, "runs": runs}
 
 
 def _tracking_uri(root: Path) -> str:
@@ -319,10 +340,11 @@ def weather_pipeline(
         whole = set(models) == set(MODEL_NAMES) and "compare" in defined
         name = f"flow-{datetime.now():%Y%m%d-%H%M%S}"
         targets = [*(f"train@{model}" for model in models), *per_model, *(["compare"] if whole else [])]
-        found = experiment(name, targets, params, str(root), train_timeout_s)
-        markdown = f"DVC experiment `{name}` with {params}: `dvc exp show`, `dvc exp apply {name}`\n"
+        found = experiment(name, models, targets, params, str(root), train_timeout_s)
+        runs = ", ".join(f"{model}: MLflow run {run}" for model, run in found["runs"].items())
+        markdown = f"DVC experiment `{name}` with {params} ({runs}): `dvc exp show`, `dvc exp apply {name}`\n"
         create_markdown_artifact(markdown=markdown, key="weather-pipeline", description="the experiment run")
-        return {"experiment": {"name": name, **found}, "stages": [], "decisions": {}}
+        return {"experiment": found, "stages": [], "decisions": {}}
 
     results = [repro("split", str(root), stage_timeout_s)]
     train = repro.with_options(retries=train_retries, retry_delay_seconds=10)

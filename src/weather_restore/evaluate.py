@@ -272,7 +272,7 @@ def log_other_evaluation(
     of its own, tagged `evaluated.*` with what it measured (weights file and hash or model URI, data, test set);
     returns the run's id. It never touches a training's run."""
     import mlflow
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric
 
     from weather_restore import tracking
 
@@ -283,9 +283,7 @@ def log_other_evaluation(
     run = client.create_run(experiment_id, run_name=f"evaluate {model_name}", tags=tags)
     now = int(time.time() * 1000)
     client.log_batch(
-        run.info.run_id,
-        metrics=[Metric(key, float(value), now, 0) for key, value in logged_metrics(metrics).items()],
-        tags=[RunTag("mlflow.runName", f"evaluate {model_name}")],
+        run.info.run_id, metrics=[Metric(key, float(value), now, 0) for key, value in logged_metrics(metrics).items()]
     )
     for name in REPORT_FILES:
         client.log_artifact(run.info.run_id, str(reports_dir / name), artifact_path="evaluation")

@@ -318,7 +318,8 @@ def weather_pipeline(
     train_timeout_s: float = 6 * 3600,
     stage_timeout_s: float = 3600,
 ) -> dict[str, Any]:
-    """Data, then per model train, evaluate and export; the comparison; optionally register and promote.
+    """Data, then per model train, evaluate, export and its model card; the comparison; optionally register and
+    promote.
 
     A retried training resumes from its last checkpoint (the train stage does that for the same config).
     """
@@ -328,7 +329,8 @@ def weather_pipeline(
         raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_NAMES)}")
     root = Path(repo).resolve()
     defined = pipeline_stages(root)
-    per_model = [stage for model in models for stage in (f"evaluate@{model}", f"export@{model}") if stage in defined]
+    kinds = ("evaluate", "export", "card")
+    per_model = [stage for model in models for kind in kinds if (stage := f"{kind}@{model}") in defined]
     if params:
         if promote:
             raise ValueError(

@@ -16,10 +16,10 @@ import yaml
 from weather_restore.checkpoint import load_checkpoint, load_model, save_checkpoint
 from weather_restore.config import parse_params
 from weather_restore.data.dataset import ClipDataset, FrameDataset, spread_over_weathers
-from weather_restore.errors import ModelFileError, TrainingError
+from weather_restore.errors import ConfigError, ModelFileError, TrainingError
 from weather_restore.losses import LOSSES
 from weather_restore.models import build_model
-from weather_restore.train import input_psnr, train, train_step
+from weather_restore.train import input_psnr, lr_schedule, train, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,6 +61,48 @@ def test_a_tiny_model_overfits_one_batch(tiny_mwvd, tiny_models, model_name, lr)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = [train_step(model, degraded, clean, optimizer, LOSSES["l1"]) for _ in range(120)]
     assert min(losses[-5:]) < losses[0] / 10, f"L1 went from {losses[0]:.4f} to {losses[-1]:.4f}"
+
+
+def test_warm_up_ramps_to_the_peak_then_the_cosine_decays_to_lr_min_and_resumes_where_it_was():
+    recipe = {"iterations": 10, "warmup": 3, "lr": 1e-3, "lr_min": 1e-6}
+    cfg = parse_params({"training": {"dwgn": recipe}}).training.dwgn
+    weight = torch.nn.Parameter(torch.zeros(1))
+
+    def schedule(state=None):
+        optimizer = torch.optim.SGD([weight], lr=cfg.lr)
+        scheduler = lr_schedule(optimizer, cfg)
+        if state:
+            optimizer.load_state_dict(state[0])
+            scheduler.load_state_dict(state[1])
+        return optimizer, scheduler
+
+    optimizer, scheduler = schedule()
+    lrs, states = [], []
+    for _ in range(cfg.iterations):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        states.append((optimizer.state_dict(), scheduler.state_dict()))
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(a > b for a, b in zip(lrs[3:-1], lrs[4:], strict=True)) and lrs[-1] > cfg.lr_min
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr_min)
+    resumed, _ = schedule(states[5])
+    assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[5])
+    with pytest.raises(ConfigError, match="training.dwgn.warmup"):
+        parse_params({"training": {"dwgn": {"iterations": 10, "warmup": 10}}})
+
+
+def test_gradient_clipping_bounds_the_norm_of_a_step():
+    def step_norm(grad_clip):
+        model = torch.nn.Linear(4, 3)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        degraded, clean = torch.full((2, 4), 10.0), torch.zeros(2, 3)
+        train_step(model, degraded, clean, optimizer, LOSSES["l1"], grad_clip=grad_clip)
+        return (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+
+    assert step_norm(0.0) > 1.0
+    assert step_norm(0.5) == pytest.approx(0.5, rel=1e-4)
 
 
 def test_training_writes_checkpoint_curves_and_validation(tiny_mwvd, tmp_path, tiny_params_dict):

@@ -219,6 +219,18 @@ class EMA:
         self.module.load_state_dict(state["weights"])
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine annealing from `lr` to `lr_min` over the iterations; with `warmup`, a linear ramp from
+    lr / (warmup + 1) up to `lr` first, and the cosine over the iterations after it."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=cfg.iterations - cfg.warmup, eta_min=cfg.lr_min
+    )
+    if not cfg.warmup:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (cfg.warmup + 1), total_iters=cfg.warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[cfg.warmup])
+
+
 def train_step(
     model: nn.Module,
     degraded: torch.Tensor,
@@ -228,9 +240,11 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     dtype: torch.dtype | None = None,
     world_size: int = 1,
+    grad_clip: float = 0.0,
 ) -> float:
     """One optimisation step; returns the loss averaged over all processes. A non-finite loss is returned without
-    touching the weights (every process sees the same averaged value, so all of them skip)."""
+    touching the weights (every process sees the same averaged value, so all of them skip). With `grad_clip`,
+    the gradients' global L2 norm is clipped to it before the step."""
     with torch.autocast(degraded.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         restored = model(degraded)
     loss = loss_fn(restored.float(), clean)
@@ -242,12 +256,19 @@ def train_step(
     if not math.isfinite(mean):
         return mean
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
         scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    if grad_clip:
+        if scaling:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaling:
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
     return mean
 
@@ -366,9 +387,7 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=cfg.iterations, eta_min=cfg.lr_min
-        )
+        self.scheduler = lr_schedule(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay and ctx.main else None  # only process 0 ships
         if self.state:
@@ -450,7 +469,7 @@ class Trainer:
         clean = batch["clean"].to(self.ctx.device, non_blocking=True)
         loss = train_step(
             self.net, degraded, clean, self.optimizer, LOSSES[self.cfg.loss], self.scaler, self.dtype,
-            self.ctx.world_size,
+            self.ctx.world_size, self.cfg.grad_clip,
         )  # fmt: skip
         if not math.isfinite(loss):
             raise self._non_finite(loss, done, lr)

@@ -125,3 +125,16 @@ def test_the_pipeline_card_reads_the_stages_files(evaluated, exported_models, ti
     assert f"| overall | {metrics['overall']['psnr']:.2f} (input {metrics['overall']['input_psnr']:.2f})" in card
     assert "![input, output and ground truth per weather](samples.png)" in card
     assert "models:/DwGN@champion" in card
+
+
+def test_the_card_of_a_model_not_evaluated_yet_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from weather_restore.cli import main
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", str(params), "card", "--model", "dwgn"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(
+        "reports/dwgn/metrics.json: no such file: evaluate the model first (weather-restore evaluate --model dwgn)"
+    )
+    assert len(error.splitlines()) == 1 and not (tmp_path / "reports").exists()

@@ -217,7 +217,12 @@ def from_files(
     model: str, reports_dir: Path, data_root: Path, run_json: Path, training: dict, architecture: dict
 ) -> CardFacts:
     """The facts of the current model from the files the stages wrote."""
-    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    from weather_restore.errors import DataError
+
+    path = reports_dir / "metrics.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no such file: evaluate the model first (weather-restore evaluate --model {model})")
+    metrics = json.loads(path.read_text())
     export_path = reports_dir / "export.json"
     export = None
     if export_path.is_file():

@@ -64,7 +64,7 @@ def test_a_tiny_model_overfits_one_batch(tiny_mwvd, tiny_models, model_name, lr)
 
 
 def test_warm_up_ramps_to_the_peak_then_the_cosine_decays_to_lr_min_and_resumes_where_it_was():
-    recipe = {"iterations": 10, "warmup": 3, "lr": 1e-3, "lr_min": 1e-6}
+    recipe = {"iterations": 10, "warmup": 0.3, "lr": 1e-3, "lr_min": 1e-6}
     cfg = parse_params({"training": {"dwgn": recipe}}).training.dwgn
     weight = torch.nn.Parameter(torch.zeros(1))
 
@@ -89,7 +89,11 @@ def test_warm_up_ramps_to_the_peak_then_the_cosine_decays_to_lr_min_and_resumes_
     resumed, _ = schedule(states[5])
     assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[5])
     with pytest.raises(ConfigError, match="training.dwgn.warmup"):
-        parse_params({"training": {"dwgn": {"iterations": 10, "warmup": 10}}})
+        parse_params({"training": {"dwgn": {"warmup": 1.0}}})
+    short = parse_params({"training": {"dwgn": {"iterations": 2, "warmup": 0.9}}}).training.dwgn
+    optimizer = torch.optim.SGD([weight], lr=short.lr)
+    lr_schedule(optimizer, short)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(short.lr / 2)  # one ramp step, one cosine step
 
 
 def test_gradient_clipping_bounds_the_norm_of_a_step():

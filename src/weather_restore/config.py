@@ -281,8 +281,12 @@ class TrainConfig(Section):
     clip_frames: Int = Field(5, ge=1, description="frames per training clip (DynStaticNet; unused by DwGN)")
     lr: Float = Field(2e-4, gt=0)
     lr_min: Float = Field(1e-7, ge=0, description="learning rate reached at the last iteration (cosine)")
-    warmup: Int = Field(
-        0, ge=0, description="iterations of linear warm-up from lr / (warmup + 1) to lr before the cosine; 0 = none"
+    warmup: Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the iterations that ramp the learning rate linearly up to lr before the cosine "
+        "(a share, so a run of any length keeps it); 0 = none",
     )
     grad_clip: Float = Field(0.0, ge=0, description="clip the gradients' global L2 norm to this; 0 = no clipping")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam's decay rates, each in [0, 1)")
@@ -321,8 +325,6 @@ class TrainConfig(Section):
     def _lr(self) -> TrainConfig:
         if self.lr_min > self.lr:
             raise _rule("lr_min", f"it is above lr {self.lr}: the cosine schedule decays from lr down to lr_min")
-        if self.warmup >= self.iterations:
-            raise _rule("warmup", f"it leaves none of the {self.iterations} iterations to the cosine; lower it")
         return self
 
 

@@ -220,15 +220,14 @@ class EMA:
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine annealing from `lr` to `lr_min` over the iterations; with `warmup`, a linear ramp from
-    lr / (warmup + 1) up to `lr` first, and the cosine over the iterations after it."""
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=cfg.iterations - cfg.warmup, eta_min=cfg.lr_min
-    )
-    if not cfg.warmup:
+    """Cosine annealing from `lr` to `lr_min` over the iterations; with `warmup`, its share of the iterations
+    (n, at least one and leaving the cosine one) first ramps linearly from lr / (n + 1) up to `lr`."""
+    ramp = min(max(1, round(cfg.warmup * cfg.iterations)), cfg.iterations - 1) if cfg.warmup else 0
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iterations - ramp, eta_min=cfg.lr_min)
+    if not ramp:
         return cosine
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (cfg.warmup + 1), total_iters=cfg.warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[cfg.warmup])
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (ramp + 1), total_iters=ramp)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[ramp])
 
 
 def train_step(

@@ -135,11 +135,14 @@ def _target(repo: Path, stage: str) -> str:
 
 
 def pipeline_of(stage: str, repo: Path) -> list[str]:
-    """`stage` and every stage it depends on, dependencies first (`train@dwgn` for a foreach item), from DVC."""
+    """`stage` and every stage it depends on, dependencies first (`train@dwgn` for a foreach item), from DVC's
+    graph of the pipeline (`collect(..., with_deps=True)` gives the same stages as a set, in no order)."""
     from dvc.repo import Repo
+    from dvc.repo.graph import collect_pipeline
 
     with Repo(str(repo)) as dvc:
-        return [found.name for found in dvc.stage.collect(_target(repo, stage), with_deps=True)]
+        (target,) = dvc.stage.collect(_target(repo, stage))
+        return [found.name for found in collect_pipeline(target, dvc.index.graph)]
 
 
 def is_stale(stage: str, repo: Path) -> bool:
@@ -169,8 +172,12 @@ def repro(stage: str, repo: str, timeout_s: float | None = None, single_item: bo
     root = Path(repo)
     result = StageResult(stage=stage)
     start = time.monotonic()
-    for name in [stage] if single_item else pipeline_of(stage, root):
+    logger = get_run_logger()
+    stages = [stage] if single_item else pipeline_of(stage, root)
+    logger.info("%s and what it depends on: %s", stage, ", ".join(stages))
+    for name in stages:
         if not is_stale(name, root):
+            logger.info("%s: up to date (dvc status), skipped", name)
             result.skipped.append(name)
             continue
         cmd = ["dvc", "repro", "--single-item", name]

@@ -74,6 +74,7 @@ def served(model_uri: str, tracking_uri: str, folder: Path) -> Iterator[str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",  # as the README serves it: the ONNX model needs no pickle
     }
     command = [
         sys.executable, "-m", "mlflow", "models", "serve",

@@ -229,11 +229,12 @@ def experiment(
 def _tracking_uri(root: Path) -> str:
     """The workspace's MLflow store, made ready (experiment and artifact folder) before a copy logs into it."""
     from weather_restore.config import load_params
-    from weather_restore.tracking import prepare, tracking_uri
+    from weather_restore.tracking import ensure_experiment, tracking_uri
 
     params = load_params(root / "params.yaml")
-    prepare(params.tracking, root)
-    return tracking_uri(params.tracking, root)
+    uri = tracking_uri(params.tracking, root)
+    ensure_experiment(params.tracking, root, uri)
+    return uri
 
 
 @task(name="weather-restore", task_run_name="weather-restore {args}")

@@ -81,12 +81,22 @@ def prepare(cfg: TrackingConfig, project_root: Path) -> str:
     Call it once in one process before anything runs in parallel: opening a new SQLite store runs migrations,
     and several processes doing that at once can crash.
     """
+    import mlflow
+
+    uri = tracking_uri(cfg, project_root)
+    experiment_id = ensure_experiment(cfg, project_root, uri)
+    mlflow.set_tracking_uri(uri)
+    return experiment_id
+
+
+def ensure_experiment(cfg: TrackingConfig, project_root: Path, uri: str) -> str:
+    """Create the store at `uri` and the experiment if needed (a local store's artifacts in the project), leaving
+    the process's MLflow settings alone (a flow prepares the store a stage copy elsewhere logs into); returns the
+    experiment id."""
     for name, value in TELEMETRY_OFF.items():
         os.environ.setdefault(name, value)
     import mlflow
 
-    uri = tracking_uri(cfg, project_root)
-    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is None:

@@ -100,8 +100,9 @@ def shipped_session(model: nn.Module, name: str, folder: Path, threads: int) -> 
     return onnx_session(path, threads), seconds
 
 
-def bench(names: list[str], threads: int, onnx: bool, rate: float) -> tuple[list[dict], dict]:
-    rows, exports = [], {}
+def bench(names: list[str], threads: int, onnx: bool, rate: float, report: dict, save: Callable[[], None]) -> None:
+    """Fill report's rows and exports, saving after each (a run cut short on a shared machine keeps its rows)."""
+    rows, exports = report["rows"], report["exports"]
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             torch.manual_seed(0)
@@ -111,6 +112,7 @@ def bench(names: list[str], threads: int, onnx: bool, rate: float) -> tuple[list
                 session, seconds = shipped_session(model, name, Path(folder), threads)
                 exports[name] = {"exporter": ExportConfig().exporter_for(name), "export_seconds": seconds}
                 print(f"  exported {name} in {seconds:.0f} s", flush=True)
+                save()
             for case_name, measure, shape, published in CASES:
                 if case_name != name:
                     continue
@@ -142,8 +144,8 @@ def bench(names: list[str], threads: int, onnx: bool, rate: float) -> tuple[list
                     if "eager_no_dropout_s" in row:
                         row["speedup_vs_published_no_dropout"] = scaled / row["eager_no_dropout_s"]
                 rows.append(row)
+                save()
                 print(f"  {name} {measure} {list(shape)}: {row}", flush=True)
-    return rows, exports
 
 
 def print_table(rows: list[dict], rate: float, threads: int) -> None:
@@ -185,22 +187,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start_rate = matmul_gflops()
     print(f"float32 matmul rate: {start_rate:.0f} GFLOP/s", flush=True)
-    rows, exports = bench(args.models.split(","), args.threads, not args.no_onnx, start_rate)
-    end_rate = matmul_gflops()
-    # The rate at the start scales the published times and the fractions above; both are kept.
-    print_table(rows, start_rate, args.threads)
     report = {
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "threads": args.threads,
         "torch": torch.__version__,
-        "matmul_gflops_per_s": {"start": start_rate, "end": end_rate},
+        "matmul_gflops_per_s": {"start": start_rate},
         "spec_matmul_gflops_per_s": SPEC_MATMUL_GFLOPS,
-        "load_average_at_end": os.getloadavg(),
-        "exports": exports,
-        "rows": rows,
+        "load_average_at_start": os.getloadavg(),
+        "exports": {},
+        "rows": [],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+
+    def save() -> None:
+        atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+
+    bench(args.models.split(","), args.threads, not args.no_onnx, start_rate, report, save)
+    report["matmul_gflops_per_s"]["end"] = matmul_gflops()
+    report["load_average_at_end"] = os.getloadavg()
+    save()
+    # The rate at the start scales the published times and the fractions above; the end rate shows the drift.
+    print_table(report["rows"], start_rate, args.threads)
     print(f"\nwrote {args.output}")
 
 

@@ -23,8 +23,9 @@ from torch import nn
 
 from weather_restore.models.layers import (
     ChannelLayerNorm,
-    mirror_pad_to_multiple,
+    PointwiseConv,
     cached_shifted_window_mask,
+    mirror_pad_to_multiple,
     window_merge,
     window_partition,
 )
@@ -192,14 +193,14 @@ class HDMC(nn.Module):
         self.heads = heads
         self.window = window
         self.shift = shift
-        self.static_pw = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        self.static_pw = PointwiseConv(channels, 3 * channels, bias=False)
         self.static_conv = nn.Conv2d(3 * channels, 3 * channels, 3, padding=1, groups=3 * heads, bias=False)
         self.dynamic_pw = DynamicPointwiseConv(channels, 3 * channels, fgroup)
         self.dynamic_conv = DynamicGroupedConv(3 * channels, 3 * channels, 3 * heads, fgroup)
         self.relative_bias = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_bias, std=0.02)
         self.register_buffer("bias_index", relative_position_index(window), persistent=False)
-        self.project = nn.Conv2d(2 * channels, channels, 1)
+        self.project = PointwiseConv(2 * channels, channels)
 
     def windows(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3C, H, W) -> q, k, v, each (B, nW*heads, window², C/heads), rolled by -shift first."""
@@ -246,7 +247,7 @@ class HDFN(nn.Module):
     def __init__(self, channels: int, fgroup: int = 16, reduction: int = 16):
         super().__init__()
         hidden = 2 * channels
-        self.static_pw = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.static_pw = PointwiseConv(channels, hidden, bias=False)
         self.static_conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=channels, bias=False)
         self.dynamic_pw = DynamicPointwiseConv(channels, hidden, fgroup)
         self.dynamic_conv = DynamicGroupedConv(hidden, hidden, channels, fgroup)
@@ -254,7 +255,7 @@ class HDFN(nn.Module):
             nn.Linear(channels, channels // reduction, bias=False),
             nn.Linear(channels // reduction, 1, bias=False),
         )
-        self.project = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.project = PointwiseConv(hidden, channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         static = self.static_conv(F.gelu(self.static_pw(x)))  # (B, 2C, H, W)

@@ -18,6 +18,7 @@ from torch import nn
 from weather_restore.models.layers import (
     ChannelLayerNorm,
     HaarDWT,
+    PointwiseConv,
     cached_shifted_window_mask,
     mirror_pad_to_multiple,
     window_merge,
@@ -45,7 +46,7 @@ class MGAConv(nn.Module):
         self.vertical_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("centre", F.one_hot(torch.tensor(4), 9).float().view(3, 3), persistent=False)
         self.register_buffer("difference", torch.tensor([1.0, 0.0, -1.0]), persistent=False)
-        self.pointwise = nn.Conv2d(dim, dim, 1)
+        self.pointwise = PointwiseConv(dim, dim)
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
 
     def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +146,7 @@ class GatedFFN(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.expand = nn.Conv2d(dim, 2 * dim, 1)
+        self.expand = PointwiseConv(dim, 2 * dim)
         self.depthwise = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.body = nn.Sequential(HaarDWT(dim), nn.Conv2d(4 * dim, 2 * dim, 1), nn.BatchNorm2d(2 * dim), nn.ReLU())
+        self.body = nn.Sequential(HaarDWT(dim), PointwiseConv(4 * dim, 2 * dim), nn.BatchNorm2d(2 * dim), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -251,10 +252,10 @@ class DynStaticNet(nn.Module):
         self.down2 = Downsample(2 * dim)
         self.bottleneck = stage(4 * dim, heads[2], blocks[2], degradation_query=False)
         self.up2 = Upsample(4 * dim)
-        self.fuse2 = nn.Conv2d(4 * dim, 2 * dim, 1)
+        self.fuse2 = PointwiseConv(4 * dim, 2 * dim)
         self.decoder2 = stage(2 * dim, heads[1], blocks[1], degradation_query=True)
         self.up1 = Upsample(2 * dim)
-        self.fuse1 = nn.Conv2d(2 * dim, dim, 1)
+        self.fuse1 = PointwiseConv(2 * dim, dim)
         self.decoder1 = stage(dim, heads[0], blocks[0], degradation_query=True)
         self.refinement = stage(dim, refinement_heads, refinement_blocks, degradation_query=True)
         self.output = nn.Conv2d(dim, 3, 3, padding=1)

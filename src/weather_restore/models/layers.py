@@ -51,6 +51,22 @@ class ChannelLayerNorm(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (an nn.Conv2d: same parameters and state) computed in eager mode as a matmul over the
+    channels of each pixel: on channels-last input both permutes are views, whereas CPU convolution sends 1x1
+    kernels on channels-last input down its slow im2col path. Other devices, exported and compiled graphs keep the
+    Conv (so FLOP counts on the meta device still call it a convolution).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(N, H, W, C) -> (N, nW, window*window, C), windows in row-major order."""
     return rearrange(x, "n (hw wh) (ww wx) c -> n (hw ww) (wh wx) c", wh=window, wx=window)

@@ -76,3 +76,14 @@ def test_shifted_mask_blocks_attention_between_wrapped_regions():
         assert torch.equal(mask[w] == 0, neighbours)
         assert torch.all(mask[w][~neighbours] == float("-inf"))
     assert torch.all(mask[0] == 0)  # windows away from the edges are whole
+
+
+def test_a_shift_mask_cached_under_inference_mode_still_serves_a_training_step():
+    from weather_restore.models.layers import cached_shifted_window_mask
+
+    with torch.inference_mode():
+        cached_shifted_window_mask(24, 16, 8, 4, torch.device("cpu"), torch.float32)
+    mask = cached_shifted_window_mask(24, 16, 8, 4, torch.device("cpu"), torch.float32)
+    scores = torch.zeros(mask.shape, requires_grad=True)
+    (scores * mask).sum().backward()  # mul saves the mask for backward, which an inference tensor refuses
+    assert not mask.is_inference()

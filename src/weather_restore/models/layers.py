@@ -119,7 +119,8 @@ def cached_shifted_window_mask(
     if key not in _MASKS:
         if len(_MASKS) >= 64:  # restore's tiles come in a handful of sizes; a long-lived process sees few more
             _MASKS.clear()
-        _MASKS[key] = shifted_window_mask(height, width, window, shift, device).to(dtype)
+        with torch.inference_mode(False):  # built under inference mode, it could not be saved for a backward
+            _MASKS[key] = shifted_window_mask(height, width, window, shift, device).to(dtype)
     return _MASKS[key]
 
 

@@ -28,22 +28,23 @@ from weather_restore.data.records import WEATHERS, VideoRecord
 TINY_SIZE = 32
 TINY_FRAMES = 12  # two 6-frame clips per video
 
-# The tracking URI the test run started with (normally none: each project's embedded store).
-SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-
 
 @pytest.fixture(autouse=True)
 def tracking_uri_restored() -> Iterator[None]:
     """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to os.environ: a test that tracks in-process must
     not send later tests' subprocesses (or a session fixture built after it, such as the tiny pipeline) to its store.
+    What a module fixture set on purpose is what this test started with, and stays.
     """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
+    if os.environ.get("MLFLOW_TRACKING_URI") == before:
+        return
     if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(SESSION_TRACKING_URI)
-    elif SESSION_TRACKING_URI is None:
+        sys.modules["mlflow"].set_tracking_uri(before)  # MLflow's own global too
+    if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = SESSION_TRACKING_URI
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def degrade(clean: np.ndarray, weather: str, t: int, rng: np.random.Generator) -> np.ndarray:

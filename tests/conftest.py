@@ -322,12 +322,26 @@ def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
     return TinyPipeline(pristine=base / "pristine", root=root, output=output, imports=base / "imports")
 
 
+def close_mlflow_connections() -> None:
+    """MLflow keeps one SQLAlchemy engine per store URI for the life of the process, with pooled connections to the
+    SQLite file it first opened. A store replaced on disk at the same path (the copy below) must be reopened, or an
+    in-process registration writes into the deleted file while the CLI's subprocesses read the new one."""
+    if "mlflow" not in sys.modules:
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for engine in [*TrackingStore._engine_map.values(), *RegistryStore._engine_map.values()]:
+        engine.dispose()
+
+
 @pytest.fixture
 def built_tiny_repo(tiny_pipeline) -> Path:
     """A fresh copy of the built tiny repository (`tiny_pipeline`), every stage up to date, for a test to change.
 
     The copy always lands at the path the pipeline was built in: run.json and MLflow's store record absolute
     paths (the tracking URI, artifact locations), so a copy elsewhere would log into the pristine build."""
+    close_mlflow_connections()
     shutil.rmtree(tiny_pipeline.root, ignore_errors=True)
     shutil.copytree(tiny_pipeline.pristine, tiny_pipeline.root, symlinks=True)
     return tiny_pipeline.root

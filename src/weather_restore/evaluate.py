@@ -108,9 +108,12 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     temporal: bool = True,
     flow_cache: Path | None = None,
+    mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on the test split and write metrics.json, clips.csv and samples.png into `reports_dir`. With
-    `temporal`, the warping and flicker errors too, the clean clips' flows kept in `flow_cache` (None: not kept)."""
+    `temporal`, the warping and flicker errors too, the clean clips' flows kept in `flow_cache` (None: not kept).
+    `mlflow_run_id`: the training's run these figures are logged into, named in metrics.json (so `dvc exp show`
+    names each experiment's run)."""
     device = torch.device(device)
     manifest_checksum, clips = read_manifest(data_root)
     test: list[Clip] = [c for c in clips if c.split == "test"]
@@ -168,6 +171,8 @@ def evaluate_model(
         if temporal
         else None,
     }
+    if mlflow_run_id:
+        metrics["mlflow_run_id"] = mlflow_run_id
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=["clip", "weather", "source_video", *METRIC_KEYS])
     writer.writeheader()
@@ -324,7 +329,7 @@ def evaluate_stage(
     (its test metrics and tags are the evidence `register` copies and the gate checks). Any other evaluation logs
     into a new run of its own, tagged with what it evaluated, so it never rewrites a training's evidence."""
     from weather_restore.checkpoint import WEIGHTS_FILES, file_sha256, load_model, trained_weights
-    from weather_restore.tracking import RUN_INFO_NAME, tracking_uri
+    from weather_restore.tracking import RUN_INFO_NAME, read_run_info, tracking_uri
 
     project_root = Path(project_root)
     model_dir = project_root / "models" / model_name
@@ -343,6 +348,8 @@ def evaluate_stage(
         evaluated = {"weights": str(path.resolve()), "sha256": file_sha256(path), "use": use if own else "other"}
     own = own and _same_path(data_root, default_data)
     evaluated["data"] = str(data_root.resolve())
+    run_json = model_dir / RUN_INFO_NAME
+    logs_into_training = params.tracking.enabled and own and run_json.is_file()
     cfg = params.evaluation
     metrics = evaluate_model(
         model,
@@ -355,11 +362,11 @@ def evaluate_stage(
         device=device,
         temporal=cfg.temporal,
         flow_cache=project_root / params.data.root / "flows",
+        mlflow_run_id=read_run_info(run_json).run_id if logs_into_training else None,
     )
-    run_json = model_dir / RUN_INFO_NAME
     if not params.tracking.enabled:
         logged = "not logged to MLflow (tracking.enabled: false)"
-    elif own and run_json.is_file():
+    elif logs_into_training:
         logged = f"logged into the training's MLflow run {log_evaluation(run_json, metrics, out, evaluated)}"
     elif own:
         logged = f"not logged to MLflow: no training run recorded ({run_json} is missing)"

@@ -249,8 +249,9 @@ def cli(
     return code, "\n".join(output)
 
 
-def check_overrides(overrides: dict[str, Any], repo: Path) -> None:
-    """Validate dotted overrides (`training.dwgn.iterations: 50`) against params.yaml, which stays as it is."""
+def check_overrides(overrides: dict[str, Any], repo: Path, source: str | None = None) -> None:
+    """Validate dotted overrides (`training.dwgn.iterations: 50`) against params.yaml, which stays as it is; a
+    problem is reported as found in `source` (default: params.yaml with the overrides)."""
     import yaml
 
     from weather_restore.config import parse_params
@@ -263,7 +264,7 @@ def check_overrides(overrides: dict[str, Any], repo: Path) -> None:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    parse_params(document, f"{path} with overrides {overrides}")
+    parse_params(document, source or f"{path} with overrides {overrides}")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -13,11 +13,15 @@ decision is written into the version's tags: `promotion.*` for the latest, `hist
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -63,6 +67,9 @@ ONNX_MODEL_TAG = "onnx_model_uri"
 MODEL_FORMAT = "onnx"
 # Float noise must not turn a gain of exactly min_delta into a refusal.
 EPSILON = 1e-9
+# `<name>.aliases-lock`: the registered model whose existence says a promote or rollback of <name> is running.
+LOCK_SUFFIX = ".aliases-lock"
+LOCK_WAIT_S = 60.0  # a promotion holds it for a second or two; longer means its process died holding it
 
 
 def require_store(tracking_uri: str) -> None:
@@ -637,6 +644,53 @@ def _record(
         append_decision(client, version, entry, table)
 
 
+@contextlib.contextmanager
+def aliases_locked(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the right to move the aliases of `name` while the block reads and moves them.
+
+    MLflow has no compare-and-set on an alias, but a registered model's name is unique in every store (a primary
+    key, in a server's database too): the process that creates `<name>.aliases-lock` holds the lock, and deletes it
+    when done. Two promotions (or a promotion and a rollback) racing from two processes or machines thus run one
+    after the other, the second reading the aliases the first left.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"holder": holder, "since": _now()}, description=f"{holder} is moving the aliases of {name}"
+            )
+            break
+        except MlflowException as error:
+            # Taken; or taken and released between the store's insert and its look-up of the existing model.
+            if not _is(error, "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        if time.monotonic() > deadline:
+            tags = _lock_tags(client, lock)
+            raise RegistryError(
+                f"the aliases of {name} are locked by {tags.get('holder', '?')} since {tags.get('since', '?')} "
+                f"(registered model {lock}): another promote or rollback is running; if its process died, delete "
+                f"that registered model and try again"
+            )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def _lock_tags(client: MlflowClient, lock: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_registered_model(lock).tags)
+    except MlflowException:
+        return {}
+
+
 def promote(
     model: str,
     client: MlflowClient,
@@ -657,46 +711,47 @@ def promote(
     name = name or registered_name(model)
     if force and not (reason and reason.strip()):
         raise RegistryError("forcing a promotion needs a reason (--reason TEXT): it is recorded with your user name")
-    aliases = _aliases(client, name)
-    candidate = _version(client, name, version)
-    require_safe_version(client, candidate, model)
-    new, old = str(candidate.version), aliases.get(CHAMPION)
-    if old == new:
-        return Promotion(name, new, "unchanged", None, None)
-    if old is None and (problem := evidence_problem(candidate, required=False)) and not force:
-        _record(client, candidate, "promotion", {"decision": "refused", "gate": problem, "reason": ""})
-        raise PromotionRefused(f"refused to promote {name} version {new} to {CHAMPION} (the first): {problem}")
-    if old is None:
-        _record(
-            client, candidate, "promotion", {"decision": "first", "gate": "no champion yet", "reason": reason or ""}
-        )
-        client.set_registered_model_alias(name, CHAMPION, new)
-        log.info("%s version %s is the first %s", name, new, CHAMPION)
-        return Promotion(name, new, "first", None, None)
+    with aliases_locked(client, name):
+        aliases = _aliases(client, name)
+        candidate = _version(client, name, version)
+        require_safe_version(client, candidate, model)
+        new, old = str(candidate.version), aliases.get(CHAMPION)
+        if old == new:
+            return Promotion(name, new, "unchanged", None, None)
+        if old is None and (problem := evidence_problem(candidate, required=False)) and not force:
+            _record(client, candidate, "promotion", {"decision": "refused", "gate": problem, "reason": ""})
+            raise PromotionRefused(f"refused to promote {name} version {new} to {CHAMPION} (the first): {problem}")
+        if old is None:
+            _record(
+                client, candidate, "promotion", {"decision": "first", "gate": "no champion yet", "reason": reason or ""}
+            )
+            client.set_registered_model_alias(name, CHAMPION, new)
+            log.info("%s version %s is the first %s", name, new, CHAMPION)
+            return Promotion(name, new, "first", None, None)
 
-    gate = compare(candidate, client.get_model_version(name, old), min_delta, weather_tolerance, temporal_tolerance)
-    decision = "promoted" if gate.passed else "forced" if force else "refused"
-    entry = {
-        "decision": decision,
-        "champion": old,
-        "gate": "passed" if gate.passed else "; ".join(gate.reasons),
-        "deltas": gate.deltas(),
-        "min_delta": min_delta,
-        "weather_tolerance": weather_tolerance,
-        "temporal_tolerance": temporal_tolerance,
-        "reason": reason or "",
-    }
-    _record(client, candidate, "promotion", entry, gate.table())
-    if decision == "refused":
-        raise PromotionRefused(
-            f"refused to promote {name} version {new} over {CHAMPION} version {old}: {'; '.join(gate.reasons)}\n"
-            + gate.table()
-        )
-    # `previous` first: a crash in between leaves the old champion under both aliases, never under neither.
-    client.set_registered_model_alias(name, PREVIOUS, old)
-    client.set_registered_model_alias(name, CHAMPION, new)
-    log.info("%s version %s is %s (%s); version %s is %s", name, new, CHAMPION, decision, old, PREVIOUS)
-    return Promotion(name, new, decision, old, gate)
+        gate = compare(candidate, client.get_model_version(name, old), min_delta, weather_tolerance, temporal_tolerance)
+        decision = "promoted" if gate.passed else "forced" if force else "refused"
+        entry = {
+            "decision": decision,
+            "champion": old,
+            "gate": "passed" if gate.passed else "; ".join(gate.reasons),
+            "deltas": gate.deltas(),
+            "min_delta": min_delta,
+            "weather_tolerance": weather_tolerance,
+            "temporal_tolerance": temporal_tolerance,
+            "reason": reason or "",
+        }
+        _record(client, candidate, "promotion", entry, gate.table())
+        if decision == "refused":
+            raise PromotionRefused(
+                f"refused to promote {name} version {new} over {CHAMPION} version {old}: {'; '.join(gate.reasons)}\n"
+                + gate.table()
+            )
+        # `previous` first: a crash in between leaves the old champion under both aliases, never under neither.
+        client.set_registered_model_alias(name, PREVIOUS, old)
+        client.set_registered_model_alias(name, CHAMPION, new)
+        log.info("%s version %s is %s (%s); version %s is %s", name, new, CHAMPION, decision, old, PREVIOUS)
+        return Promotion(name, new, decision, old, gate)
 
 
 @dataclass(frozen=True)
@@ -716,18 +771,25 @@ def rollback(model: str, client: MlflowClient, name: str | None = None) -> Rollb
     """Swap the aliases `champion` and `previous` of `name` (default DynStaticNet or DwGN); recorded in both. A
     `previous` that is not an ONNX model is refused: it would become the champion."""
     name = name or registered_name(model)
-    aliases = _aliases(client, name)
-    if PREVIOUS not in aliases or CHAMPION not in aliases:
-        raise RegistryError(f"{name} has no {PREVIOUS} version to roll back to (aliases: {aliases or 'none'})")
-    restored, demoted = aliases[PREVIOUS], aliases[CHAMPION]
-    require_safe_version(client, client.get_model_version(name, restored), model)
-    client.set_registered_model_alias(name, CHAMPION, restored)
-    client.set_registered_model_alias(name, PREVIOUS, demoted)
-    _record(
-        client, client.get_model_version(name, restored), "rollback", {"decision": "restored", "swapped_with": demoted}
-    )
-    _record(
-        client, client.get_model_version(name, demoted), "rollback", {"decision": "demoted", "swapped_with": restored}
-    )
-    log.info("rolled %s back to version %s (version %s is %s)", name, restored, demoted, PREVIOUS)
-    return Rollback(name, restored, demoted)
+    with aliases_locked(client, name):
+        aliases = _aliases(client, name)
+        if PREVIOUS not in aliases or CHAMPION not in aliases:
+            raise RegistryError(f"{name} has no {PREVIOUS} version to roll back to (aliases: {aliases or 'none'})")
+        restored, demoted = aliases[PREVIOUS], aliases[CHAMPION]
+        require_safe_version(client, client.get_model_version(name, restored), model)
+        client.set_registered_model_alias(name, CHAMPION, restored)
+        client.set_registered_model_alias(name, PREVIOUS, demoted)
+        _record(
+            client,
+            client.get_model_version(name, restored),
+            "rollback",
+            {"decision": "restored", "swapped_with": demoted},
+        )
+        _record(
+            client,
+            client.get_model_version(name, demoted),
+            "rollback",
+            {"decision": "demoted", "swapped_with": restored},
+        )
+        log.info("rolled %s back to version %s (version %s is %s)", name, restored, demoted, PREVIOUS)
+        return Rollback(name, restored, demoted)

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 
 from pipelines.schedules import claim, claimed_by, release_on_failure, run_slot
+from weather_restore.data.records import WEATHERS
 from weather_restore.models.facts import MODEL_NAMES, MODELS
+from weather_restore.tracking import TEST_SET_TAG
 
 QUIET_ENV = {
     "DVC_NO_ANALYTICS": "1",
@@ -388,9 +390,10 @@ def weather_pipeline(
 def evaluate_champions(
     models: list[str] | None = None, repo: str = ".", stage_timeout_s: float = 3600, slot: str | None = None
 ) -> dict[str, Any]:
-    """Evaluate each model's `champion` registry version on the current test split and report. Once per schedule
-    slot (`slot`, default the time its schedule gave the run): a run for a slot evaluated before does nothing and
-    returns {} (pipelines/schedules.py)."""
+    """Evaluate each model's `champion` registry version on the current test split and report its drift from the
+    test PSNR registered with the version (artifact `champion-drift`). Once per schedule slot (`slot`, default the
+    time its schedule gave the run): a run for a slot evaluated before does nothing and returns {}
+    (pipelines/schedules.py)."""
     models = list(models or MODEL_NAMES)
     root = str(Path(repo).resolve())
     run = FlowRunContext.get().flow_run
@@ -400,19 +403,75 @@ def evaluate_champions(
         return {}
     repro("split", root, stage_timeout_s)
     rows = ["| model | version | PSNR | SSIM | input PSNR |", "|---|---|---|---|---|"]
-    results = {}
+    results, drift = {}, []
     for model in models:
+        champion = champion_version(model, Path(root))
         out = Path(root) / "reports" / "champion" / model
-        uri = f"models:/{MODELS[model].registered_name}@champion"
+        # The version the alias named when the run began, though promote may move the alias meanwhile.
+        uri = f"models:/{champion.name}/{champion.version}"
         cli(["evaluate", "--model", model, "--model-uri", uri, "--out", str(out)], root, timeout_s=stage_timeout_s)
         metrics = json.loads((out / "metrics.json").read_text())
         overall = metrics["overall"]
         results[model] = metrics
+        drift += champion_drift(model, str(champion.version), champion.tags, metrics)
         rows.append(
-            f"| {model} | {uri} | {overall['psnr']:.2f} | {overall['ssim']:.4f} | {overall['input_psnr']:.2f} |"
+            f"| {model} | {uri} (champion) | {overall['psnr']:.2f} | {overall['ssim']:.4f} "
+            f"| {overall['input_psnr']:.2f} |"
         )
     create_markdown_artifact(markdown="\n".join(rows) + "\n", key="champions", description="champions on test")
+    create_table_artifact(
+        table=drift,
+        key="champion-drift",
+        description="each champion's test PSNR (dB) now against the figures registered with its version",
+    )
+    for row in drift:
+        print(", ".join(f"{key} {value}" for key, value in row.items()))
     return results
+
+
+def champion_version(model: str, repo: Path) -> Any:
+    """The registry version the `champion` alias of `model` names now, from the repository's MLflow store."""
+    from mlflow.exceptions import MlflowException
+
+    from weather_restore.errors import RegistryError
+    from weather_restore.registry import CHAMPION, connect
+
+    name = MODELS[model].registered_name
+    client = connect(_tracking_uri(repo))
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        raise RegistryError(
+            f"{name} has no {CHAMPION} in {client.tracking_uri}: promote a version first "
+            f"(weather-restore promote --model {model})"
+        ) from None
+
+
+def champion_drift(model: str, version: str, tags: dict[str, str], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the drift table: overall and per weather, the test PSNR registered with the version (its tags,
+    copied from its training's evaluation), the PSNR measured now (metrics.json) and the difference; `same test
+    set` says whether both were measured on the same clips (the manifest checksum), without which a drift is the
+    data's, not the model's."""
+    same = tags.get(TEST_SET_TAG) == metrics.get("manifest_checksum")
+    scopes = [("overall", "test_psnr", metrics["overall"])]
+    scopes += [(w, f"test_psnr_{w}", metrics["per_weather"][w]) for w in WEATHERS if w in metrics["per_weather"]]
+    rows = []
+    for scope, key, figures in scopes:
+        registered = float(tags[key]) if key in tags else None
+        now = figures.get("psnr")
+        delta = None if registered is None or now is None else now - registered
+        rows.append(
+            {
+                "model": model,
+                "version": version,
+                "weather": scope,
+                "registered test PSNR": None if registered is None else round(registered, 4),
+                "now": None if now is None else round(now, 4),
+                "delta": None if delta is None else round(delta, 4),
+                "same test set": same,
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,12 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tests.servers import free_port, serving
 
 from weather_restore.config import ClipsConfig, ExportConfig, ExportExporters
 from weather_restore.data.clips import write_clips
@@ -27,6 +24,21 @@ from weather_restore.data.records import WEATHERS, VideoRecord
 
 TINY_SIZE = 32
 TINY_FRAMES = 12  # two 6-frame clips per video
+
+
+# What the pipeline writes into a project; a test writes its own into temporary folders, never into this checkout.
+PROJECT_OUTPUTS = ("mlruns", "mlartifacts", "mlflow.db", "data", "models/dwgn", "models/dynstaticnet")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched() -> Iterator[None]:
+    """Fail the session if a test left pipeline outputs in the checkout pytest runs from (an MLflow experiment made
+    without an artifact location puts its artifacts in ./mlruns of the current folder, for instance)."""
+    root = Path.cwd()
+    before = {name for name in PROJECT_OUTPUTS if (root / name).exists()}
+    yield
+    left = sorted(name for name in PROJECT_OUTPUTS if (root / name).exists() and name not in before)
+    assert not left, f"tests left {', '.join(left)} in {root}: a test must write into its own temporary folder"
 
 
 @pytest.fixture(autouse=True)
@@ -356,12 +368,6 @@ def run():
 # --- a real MLflow tracking server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_mlflow_server(folder: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with its SQLite store and artifacts in `folder`; yields its URL."""
@@ -381,34 +387,9 @@ def running_mlflow_server(folder: Path) -> Iterator[str]:
         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
         "--artifacts-destination", str(folder / "artifacts"),
     ]  # fmt: skip
-    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            log.close()
-            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    try:
+    with serving(command, folder, env, folder / "server.log", f"{url}/health", what="mlflow server"):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 @pytest.fixture

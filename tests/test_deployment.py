@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.servers import free_port, start, stop, tail, wait_until_answers
 
 pytestmark = pytest.mark.slow
 
@@ -25,33 +22,6 @@ DEPLOYMENT = "weather-pipeline/weather-pipeline"
 SERVER_START_S = 180
 CLI_S = 180
 FLOW_RUN_S = 420  # inside the per-test limit (pyproject.toml), so a stuck run fails with the logs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(errors="replace") if path.is_file() else "(no log)"
-    return f"--- last {lines} lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """Stop a process started in its own session, with everything it started (the server's services, the
-    worker's flow run), politely first."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        if process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @dataclass
@@ -64,15 +34,7 @@ class Server:
     def start(self, name: str, cmd: list[str], cwd: Path, **env: str) -> tuple[subprocess.Popen, Path]:
         """Start a long-running command in its own process group, its output in logs/<name>.log."""
         log = self.logs / f"{name}.log"
-        with open(log, "w") as handle:
-            process = subprocess.Popen(
-                cmd,
-                cwd=cwd,
-                env={**self.env, **env},
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = start(cmd, cwd, {**self.env, **env}, log)
         self.processes.append(process)
         return process, log
 
@@ -126,19 +88,7 @@ def server(tmp_path) -> Iterator[Server]:
         "server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], tmp_path
     )
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"prefect server exited with {process.returncode} while starting\n{tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not answer {url}/health within {SERVER_START_S} s\n{tail(log)}")
-            time.sleep(0.5)
+        wait_until_answers(f"{url}/health", process, log, SERVER_START_S, "prefect server")
         yield server
     finally:
         for started in reversed(server.processes):

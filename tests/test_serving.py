@@ -10,11 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.servers import free_port, serving
 
 from weather_restore.export import log_export
 from weather_restore.model_loading import load_restorer
@@ -57,12 +54,6 @@ def store(tmp_path_factory, exported_models) -> str:
     return uri
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(model_uri: str, tracking_uri: str, folder: Path) -> Iterator[str]:
     """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1 in this environment; yields its URL."""
@@ -84,34 +75,9 @@ def served(model_uri: str, tracking_uri: str, folder: Path) -> Iterator[str]:
         "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
-    log_path = folder / "serve.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while not _answers(f"{url}/ping"):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    url = f"http://127.0.0.1:{port}"
+    with serving(command, folder, env, folder / "serve.log", f"{url}/ping", what="mlflow models serve"):
+        yield url
 
 
 def invoke(url: str, tensor: np.ndarray) -> dict:

@@ -49,7 +49,10 @@ def trained_run(uri: str, evaluated: tuple[dict, Path], exported_models, tiny_mw
 
     metrics, reports = evaluated
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.MlflowClient(uri).create_experiment(f"card-{len(mlflow.search_experiments())}")
+    name = f"card-{len(mlflow.search_experiments())}"
+    # Artifacts beside the store: with no location, MLflow puts them in ./mlruns of the folder pytest runs in.
+    artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name
+    experiment = mlflow.MlflowClient(uri).create_experiment(name, artifact_location=artifacts.as_uri())
     checksum, _ = read_manifest(tiny_mwvd)
     with mlflow.start_run(experiment_id=experiment) as run:
         graph = onnx.load(str(exported_models["dwgn"]["onnx"]))

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from weather_restore import __version__
 from weather_restore.config import DEFAULT_PARAMS, Params, load_params
@@ -126,18 +126,15 @@ def cmd_train(args: argparse.Namespace, params: Params) -> None:
         )
 
 
+def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The parsed options `names`, as keyword arguments of the stage function of the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
     from weather_restore.evaluate import evaluate_stage
 
-    result = evaluate_stage(
-        args.model,
-        params,
-        Path("."),
-        checkpoint=args.checkpoint,
-        model_uri=args.model_uri,
-        data=args.data,
-        out=args.out,
-    )
+    result = evaluate_stage(args.model, params, Path("."), **_options(args, "checkpoint", "model_uri", "data", "out"))
     metrics, overall = result.metrics, result.metrics["overall"]
     print(
         f"{args.model}: test PSNR {overall['psnr']:.2f} dB (input {overall['input_psnr']:.2f}), SSIM "
@@ -150,16 +147,8 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
 def cmd_export(args: argparse.Namespace, params: Params) -> None:
     from weather_restore.export import export_stage
 
-    result = export_stage(
-        args.model,
-        params,
-        Path("."),
-        checkpoint=args.checkpoint,
-        data=args.data,
-        out=args.out,
-        report=args.report,
-        force=args.force,
-    )
+    options = _options(args, "checkpoint", "data", "out", "report", "force")
+    result = export_stage(args.model, params, Path("."), **options)
     report, latency = result.report, result.report["latency"]
     print(
         f"exported {args.model} ({result.weights['weights']}) to {result.onnx_path} ({report['exporter']}, opset "
@@ -301,9 +290,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, Command] = {}
 
-    def add(name: str, func: Command, help: str, description: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Command, help: str, description: str, model: str = "") -> argparse.ArgumentParser:
+        """A subcommand; with `model`, its required --model option ("which model to <model>") and the stages'
+        --data option."""
         commands[name] = func
-        return sub.add_parser(name, help=help, description=description, parents=[common])
+        parser = sub.add_parser(name, help=help, description=description, parents=[common])
+        if model:
+            parser.add_argument("--model", required=True, choices=MODEL_NAMES, help=f"which model to {model}")
+        if model in ("train", "evaluate", "export"):
+            parser.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
+        return parser
+
+    def add_report(parser: argparse.ArgumentParser, help: str) -> None:
+        """restore's and score's no-reference report options."""
+        parser.add_argument("--report", type=Path, help=help)
+        parser.add_argument("--report-every", type=_whole_number(1), default=1, help="NIQE of every N-th frame only")
 
     add(
         "params",
@@ -347,9 +348,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db with artifacts in mlartifacts/. Under "
         "`torchrun --nproc_per_node N` it trains with DistributedDataParallel (training.<model>.batch_size is the "
         "global batch).",
+        model="train",
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to train")
-    p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="checkpoint and run.json folder (default: models/<model>)")
     p.add_argument("--reports", type=Path, help="train.csv and validation.csv folder (default: reports/<model>)")
     p.add_argument("--restart", action="store_true", help="ignore an unfinished checkpoint and start afresh")
@@ -366,11 +366,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "test set; any other evaluation goes into a new MLflow run tagged with what it evaluated (it says which). "
         "LPIPS needs AlexNet's weights in the local torch "
         "cache; without them it is reported as unavailable, never downloaded.",
+        model="evaluate",
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to evaluate")
     p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the weights training.<model>.use names)")
     p.add_argument("--model-uri", help="evaluate an MLflow model instead, e.g. models:/DwGN@champion")
-    p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="reports folder (default: reports/<model>)")
     p = add(
         "export",
@@ -384,12 +383,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "fails saying by how much; reports/<model>/export.json (parity, both runtimes' latency on this machine). "
         "Logs the ONNX model (mlflow.onnx, with its signature) and the figures into the training's MLflow run "
         "named in models/<model>/run.json.",
+        model="export",
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to export")
     p.add_argument(
         "--checkpoint", type=Path, help="checkpoint (default: what training.<model>.use names; others: not logged)"
     )
-    p.add_argument("--data", type=Path, help="MWVD folder (default: <data.root>/mwvd)")
     p.add_argument("--out", type=Path, help="ONNX file (default: models/<model>/model.onnx)")
     p.add_argument("--report", type=Path, help="report (default: reports/<model>/export.json)")
     p.add_argument("--force", action="store_true", help="replace an --out file that holds no ONNX graph")
@@ -411,8 +409,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "<data.root>/mwvd/manifest.json and params training.<model> and models.<model>. Writes "
         "reports/<model>/model_card.md: the model, its training data and recipe, test results per weather against "
         "the degraded input, ONNX parity and latency, intended use and limits, how to load it.",
+        model="describe",
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model")
     p = add(
         "restore",
         cmd_restore,
@@ -463,8 +461,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "also write a JSON report of no-reference quality: NIQE per frame of the input and the output, and the mean "
         "change between frames (flicker); lower is better for both"
     )
-    p.add_argument("--report", type=Path, help=report_help)
-    p.add_argument("--report-every", type=_whole_number(1), default=1, help="NIQE of every N-th frame only")
+    add_report(p, report_help)
     p = add(
         "score",
         cmd_score,
@@ -475,8 +472,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     p.add_argument("input", type=Path, help="the footage as it was")
     p.add_argument("output", type=Path, help="the footage restored from it")
-    p.add_argument("--report", type=Path, help="the JSON report to write")
-    p.add_argument("--report-every", type=_whole_number(1), default=1, help="NIQE of every N-th frame only")
+    add_report(p, "the JSON report to write")
     p.add_argument("--force", action="store_true", help="replace a --report file weather-restore did not write")
     store = "the store named by MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     p = add(
@@ -489,8 +485,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "per weather, the test set's manifest checksum and, when `export` logged them, the ONNX parity and latency "
         "figures; its description says what it is, what it was trained on and its test PSNR against the input's. "
         "A run registered before gives back its version.",
+        model="register",
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to register")
     p = add(
         "promote",
         cmd_promote,
@@ -502,8 +498,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "gets alias previous; prints the comparison table. A refusal prints the table and the reasons and exits "
         "with status 3. Every decision (time, user, deltas, reasons) is written into the candidate's tags "
         "(promotion.*, history). Load the champion as models:/DynStaticNet@champion.",
+        model="promote",
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to promote")
     p.add_argument("--version", type=_whole_number(1), help="registered version to promote (default: the newest)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
     p.add_argument("--reason", help="why: required with --force, recorded with your user name")
@@ -514,8 +510,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         f"Reads the aliases of DynStaticNet or DwGN from {store}. Swaps champion and previous, so a second "
         "rollback undoes the first; records the time and user in both versions' tags (rollback.*, history). Fails "
         "when there is no previous version.",
+        model="roll back",
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="which model to roll back")
     return parser, commands
 
 

@@ -181,7 +181,8 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
 def test_a_batch_that_does_not_divide_among_processes_is_refused(tiny_mwvd, tmp_path, tiny_params_dict, monkeypatch):
     from weather_restore import train as train_module
 
-    monkeypatch.setattr(train_module, "setup_distributed", lambda: train_module.Distributed(0, 2, torch.device("cpu")))
+    fake = train_module.Distributed(0, 2, torch.device("cpu"))
+    monkeypatch.setattr(train_module, "setup_distributed", lambda peer_timeout: fake)
     with pytest.raises(TrainingError, match=r"batch_size 3 does not divide among 2 processes"):
         run_train(tiny_params_dict("dwgn", batch_size=3), "dwgn", tiny_mwvd, tmp_path)
 

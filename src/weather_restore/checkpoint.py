@@ -13,6 +13,7 @@ model's name and config, and the training's id. `training.<model>.use` says whic
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -60,12 +61,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such checkpoint (train the model first: weather-restore train)")
+    return _read(path, str(path), map_location)
+
+
+def load_checkpoint_bytes(data: bytes, source: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read the bytes of a checkpoint file received from `source` (another process), weights-only like a file."""
+    return _read(io.BytesIO(data), source, map_location)
+
+
+def _read(file: Path | io.BytesIO, source: str, map_location: str | torch.device) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike
-        raise ModelFileError(f"{path}: not a weather-restore checkpoint ({_load_failure(error)})") from None
+        raise ModelFileError(f"{source}: not a weather-restore checkpoint ({_load_failure(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a weather-restore checkpoint of format {FORMAT}")
+        raise ModelFileError(f"{source}: not a weather-restore checkpoint of format {FORMAT}")
     return state
 
 

@@ -320,6 +320,12 @@ class TrainConfig(Section):
         "auto", description="autocast precision; auto = bf16 on GPUs that support it, else fp16; off on CPU"
     )
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower; for tests)")
+    peer_timeout: Int = Field(
+        600,
+        ge=1,
+        description="under torchrun, seconds a process waits for the others at a step before the training fails "
+        "(how long a lost node can go unnoticed); keep it above process 0's longest validation plus checkpoint",
+    )
 
     @model_validator(mode="after")
     def _lr(self) -> TrainConfig:

@@ -5,7 +5,9 @@ Recipe (the papers'): Adam, cosine annealing from `lr` to `lr_min` over the iter
 and every frame; optionally an exponential moving average of the weights (`ema_decay`). CUDA with bf16 (or fp16
 with a grad scaler) autocast when present, else float32 on the CPU. Under `torchrun` every process trains on its
 share of each global batch with DistributedDataParallel; process 0 alone validates, logs, checkpoints and talks to
-MLflow. Validation reads the `val` split only: the test clips are `evaluate`'s alone.
+MLflow, and it sends the checkpoint a run resumes from to the others: only its machine needs the training's folder.
+A process that loses another (a node died) fails in one line within `peer_timeout` seconds; the rerun resumes.
+Validation reads the `val` split only: the test clips are `evaluate`'s alone.
 
 Outputs: `<out>/checkpoint.pt` (every `checkpoint_every` iterations and at the end), `<out>/best.pt` (the weights of
 the best validation PSNR so far, the EMA's when on), `<out>/run.json` (the MLflow run, for evaluation and export),
@@ -28,10 +30,12 @@ import logging
 import math
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ from weather_restore.checkpoint import (
     BEST_NAME,
     LAST_NAME,
     config_hash,
+    load_checkpoint_bytes,
     restore_rng_state,
     resume_state,
     rng_state,
@@ -77,6 +82,7 @@ OPERATIONAL_FIELDS = {
     "compile",
     "deterministic",
     "use",
+    "peer_timeout",
 }
 
 
@@ -110,17 +116,58 @@ class TrainSummary:
     main: bool
 
 
-def setup_distributed() -> Distributed:
-    """Join the process group when launched by torchrun (nccl on GPUs, gloo on CPU); else one process."""
+def setup_distributed(peer_timeout: float) -> Distributed:
+    """Join the process group when launched by torchrun (nccl on GPUs, gloo on CPU); else one process. A
+    collective that waits `peer_timeout` seconds for another process fails (gloo's own default is 30 minutes)."""
     cuda = torch.cuda.is_available()
     if not dist.is_torchelastic_launched():
         return Distributed(0, 1, torch.device("cuda" if cuda else "cpu"))
     local_rank = int(os.environ["LOCAL_RANK"])  # torchrun's contract
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=peer_timeout))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
+
+
+def broadcast_file(path: Path | None, ctx: Distributed) -> bytes | None:
+    """Process 0's file `path` (None: it has none to send), on every process: its bytes, or None."""
+    size = torch.tensor([path.stat().st_size if ctx.main and path is not None else -1], device=ctx.device)
+    dist.broadcast(size, src=0)
+    if size.item() < 0:
+        return None
+    if ctx.main:
+        payload = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).to(ctx.device)
+    else:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=ctx.device)
+    dist.broadcast(payload, src=0)
+    return payload.cpu().numpy().tobytes()
+
+
+def lost_peer(error: RuntimeError) -> bool:
+    """Whether a collective failed for want of another process: NCCL raises a DistError, gloo a RuntimeError of
+    its transport (a connection closed or reset, a wait past the timeout)."""
+    return isinstance(error, dist.DistError) or "gloo/transport/" in str(error)
+
+
+def lost_peer_error(
+    error: RuntimeError, model_name: str, ctx: Distributed, checkpoint: Path, saved: int | None
+) -> TrainingError:
+    """The one-line failure of a process whose collective lost another process of the torchrun job."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    # gloo's message: "[<source file>:<line>] Read error [10.0.0.2]:41234: Connection reset by peer. This is ..."
+    reason = re.sub(r"^\[[^\]]*:\d+\]\s*", "", first).split(". ")[0]
+    if not ctx.main:
+        where = f"the last checkpoint process 0 wrote ({checkpoint} on its node)"
+    elif saved is None:
+        where = "nothing: no checkpoint was written yet, it starts afresh"
+    else:
+        where = f"the last checkpoint, {checkpoint} (iteration {saved})"
+    return TrainingError(
+        f"training {model_name}: process {ctx.rank} of {ctx.world_size} lost the others ({reason}): a node"
+        f" of the torchrun job stopped or became unreachable (its own log says why). Start the same torchrun "
+        f"command on every node again; the training resumes from {where}."
+    )
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -328,12 +375,18 @@ def train(
     restart: bool = False,
 ) -> TrainSummary:
     """Run the stage for `model_name` (`dynstaticnet` or `dwgn`) with `params.training.<model_name>`."""
-    ctx = setup_distributed()
+    ctx = setup_distributed(getattr(params.training, model_name).peer_timeout)
     if not ctx.main:
         logging.getLogger("weather_restore").setLevel(logging.WARNING)
+    trainer = None
     try:
         trainer = Trainer(model_name, params, Path(data_root), Path(out_dir), Path(reports_dir), ctx, restart)
         return trainer.run(Path(project_root))
+    except RuntimeError as error:
+        if ctx.world_size == 1 or not lost_peer(error):
+            raise
+        saved = trainer.last_saved if trainer is not None else None
+        raise lost_peer_error(error, model_name, ctx, Path(out_dir) / LAST_NAME, saved) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -368,9 +421,13 @@ class Trainer:
         train_set = training_set(model_name, cfg, data_root)
         self.config = hashed_config(model_name, params, train_set.checksum)
         self.digest = config_hash(self.config)
-        self.previous = self._previous_record()
+        self.previous = self._previous_record() if ctx.main else None
         unlogged = self.previous.training_id if self.previous and not self.previous.complete else None
-        self.state = None if restart else resume_state(self.checkpoint_path, self.digest, unlogged)
+        self.state = None if restart or not ctx.main else resume_state(self.checkpoint_path, self.digest, unlogged)
+        if ctx.world_size > 1:  # process 0 sends the checkpoint it resumes: only its node needs the training's folder
+            sent = broadcast_file(self.checkpoint_path if self.state else None, ctx)
+            if not ctx.main and sent is not None:
+                self.state = load_checkpoint_bytes(sent, f"{self.checkpoint_path} of process 0")
         state = self.state or {}
         self.start: int = state.get("iteration", 0)
         # Killed after its last checkpoint, before its end-of-training logging completed: only that is left.
@@ -410,8 +467,6 @@ class Trainer:
         self.loss = float("nan")
         self.waits: list[float] = []
         self.totals: list[float] = []
-        if ctx.world_size > 1:
-            dist.barrier()  # every process has read the checkpoint and run.json before process 0 rewrites them
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

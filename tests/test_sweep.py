@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sweep import main, sweep
+from pipelines.sweep import main, sweep, waiting_experiments
 from weather_restore.data.records import WEATHERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_a_two_point_sweep_runs_dvc_experiments_that_name_their_mlflow_runs(pref
     metrics_before = (built_tiny_repo / "reports" / "dwgn" / "metrics.json").read_bytes()
     head = run(["git", "rev-parse", "HEAD"], built_tiny_repo).strip()
 
-    result = sweep(grid={"training.dwgn.lr": [1e-4, 3e-4]}, repo=str(built_tiny_repo))
+    result = sweep(grid={"training.dwgn.lr": [1e-4, 3e-4]}, repo=str(built_tiny_repo), promote=True)
 
     rows = result["experiments"]
     assert [(row["model"], row["training.dwgn.lr"]) for row in rows] == [("dwgn", "0.0001"), ("dwgn", "0.0003")]
@@ -77,6 +77,13 @@ def test_a_two_point_sweep_runs_dvc_experiments_that_name_their_mlflow_runs(pref
     )
     assert sorted(r.info.run_id for r in swept) == sorted(row["mlflow_run_id"] for row in rows)
 
+    # --promote: the point of the best validation PSNR, registered and through the gate (the first champion).
+    best = max(rows, key=lambda row: row["val_psnr"])
+    champion = client.get_model_version_by_alias("DwGN", "champion")
+    assert champion.run_id == best["mlflow_run_id"]
+    assert result["decisions"]["dwgn"].startswith(f"{best['experiment']} (best val PSNR")
+    assert "promoted DwGN version" in result["decisions"]["dwgn"]
+
     # The artifact: the grid with its test PSNR per weather.
     with get_client(sync_client=True) as prefect:
         (artifact,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep"])))
@@ -86,6 +93,20 @@ def test_a_two_point_sweep_runs_dvc_experiments_that_name_their_mlflow_runs(pref
     # The workspace: params.yaml and the workspace's own results as they were, nothing uncommitted.
     assert (built_tiny_repo / "params.yaml").read_bytes() == params_before
     assert (built_tiny_repo / "reports" / "dwgn" / "metrics.json").read_bytes() == metrics_before
+    assert run(["git", "status", "--porcelain"], built_tiny_repo) == ""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_an_experiment_that_fails_in_the_queue_fails_the_sweep_with_its_own_error(prefect_api, built_tiny_repo, run):
+    from pipelines.flows import StageFailed
+
+    # Valid for the config, too large for the tiny repository's 32-pixel frames: the training stops at its start.
+    with pytest.raises(StageFailed, match="1 of 1 experiments failed") as failed:
+        sweep(grid={"training.dwgn.crop": [64]}, repo=str(built_tiny_repo))
+
+    assert "smaller than the crop 64; lower training.*.crop" in str(failed.value)  # the stage's own message
+    assert waiting_experiments(built_tiny_repo) == []  # nothing left in the queue for the next sweep
     assert run(["git", "status", "--porcelain"], built_tiny_repo) == ""
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 from weather_restore.checkpoint import load_checkpoint
 from weather_restore.config import parse_params
 from weather_restore.models import build_model
-from weather_restore.train import train
+from weather_restore.train import Distributed, lost_peer, lost_peer_error, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -208,3 +209,29 @@ def test_a_killed_node_fails_the_other_in_one_line_and_the_rerun_resumes_to_the_
         (m.step, m.value) for m in client(two_nodes["a"]).get_metric_history(reference.info.run_id, "loss")
     ]
     assert sorted(path.name for path in folders["b"].iterdir()) == ["params.yaml"]
+
+
+def test_only_a_lost_peer_becomes_the_one_line_failure_and_each_process_names_where_to_resume_from():
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:41234: Connection reset "
+        "by peer. This is typically caused by a remote worker hanging or bugs in the application."
+    )
+    assert lost_peer(gloo) and lost_peer(dist.DistBackendError("NCCL communicator was aborted on rank 1"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+
+    checkpoint, cpu = Path("models/dwgn/checkpoint.pt"), torch.device("cpu")
+    lost = "training dwgn: process {} of 2 lost the others (Read error [10.0.0.2]:41234: Connection reset by peer): "
+    again = "Start the same torchrun command on every node again; "
+    rank_0 = str(lost_peer_error(gloo, "dwgn", Distributed(0, 2, cpu), checkpoint, 8))
+    assert rank_0.startswith(lost.format(0))
+    assert rank_0.endswith(
+        again + "the training resumes from the last checkpoint, models/dwgn/checkpoint.pt (iteration 8)."
+    )
+    assert str(lost_peer_error(gloo, "dwgn", Distributed(0, 2, cpu), checkpoint, None)).endswith(
+        again + "no checkpoint was written yet, so the training starts afresh."
+    )
+    rank_1 = str(lost_peer_error(gloo, "dwgn", Distributed(1, 2, cpu), checkpoint, None))
+    assert rank_1.startswith(lost.format(1)) and "\n" not in rank_1
+    assert rank_1.endswith(
+        again + "the training resumes from the last checkpoint process 0 wrote (models/dwgn/checkpoint.pt on its node)."
+    )

@@ -158,15 +158,15 @@ def lost_peer_error(
     # gloo's message: "[<source file>:<line>] Read error [10.0.0.2]:41234: Connection reset by peer. This is ..."
     reason = re.sub(r"^\[[^\]]*:\d+\]\s*", "", first).split(". ")[0]
     if not ctx.main:
-        where = f"the last checkpoint process 0 wrote ({checkpoint} on its node)"
+        then = f"the training resumes from the last checkpoint process 0 wrote ({checkpoint} on its node)"
     elif saved is None:
-        where = "nothing: no checkpoint was written yet, it starts afresh"
+        then = "no checkpoint was written yet, so the training starts afresh"
     else:
-        where = f"the last checkpoint, {checkpoint} (iteration {saved})"
+        then = f"the training resumes from the last checkpoint, {checkpoint} (iteration {saved})"
     return TrainingError(
         f"training {model_name}: process {ctx.rank} of {ctx.world_size} lost the others ({reason}): a node"
         f" of the torchrun job stopped or became unreachable (its own log says why). Start the same torchrun "
-        f"command on every node again; the training resumes from {where}."
+        f"command on every node again; {then}."
     )
 
 

@@ -157,7 +157,14 @@ def run_queue(names: list[str], repo: str, tracking_uri: str, timeout_s: float |
     experiments log into the workspace's MLflow store, not into their temporary copies."""
     root = Path(repo)
     cmd = ["dvc", "exp", "run", "--run-all", "--jobs", "1"]
-    code, output = stream(cmd, root, timeout_s, {"MLFLOW_TRACKING_URI": tracking_uri})
+    try:
+        code, output = stream(cmd, root, timeout_s, {"MLFLOW_TRACKING_URI": tracking_uri})
+    except StageFailed:
+        # Past the timeout: the worker DVC started outlives the killed command, so stop it with the experiment it
+        # runs, and take the rest of the sweep out of the queue.
+        for stop in (["dvc", "queue", "stop", "--kill"], ["dvc", "queue", "remove", *names]):
+            subprocess.run(stop, cwd=root, env=_environment(), capture_output=True)
+        raise
     finished = finished_experiments(root)
     failed = [name for name in names if name not in finished]
     if failed:

@@ -110,6 +110,18 @@ def test_an_experiment_that_fails_in_the_queue_fails_the_sweep_with_its_own_erro
     assert run(["git", "status", "--porcelain"], built_tiny_repo) == ""
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_sweep_past_its_timeout_stops_the_queue_and_empties_it(prefect_api, built_tiny_repo, run):
+    from pipelines.flows import StageFailed
+
+    with pytest.raises(StageFailed, match="timeout"):
+        sweep(grid={"training.dwgn.lr": [1e-4, 3e-4]}, repo=str(built_tiny_repo), timeout_s=8)
+
+    assert waiting_experiments(built_tiny_repo) == []
+    assert run(["git", "status", "--porcelain"], built_tiny_repo) == ""
+
+
 @pytest.mark.parametrize(
     ("grid", "message"),
     [

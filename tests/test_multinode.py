@@ -211,6 +211,23 @@ def test_a_killed_node_fails_the_other_in_one_line_and_the_rerun_resumes_to_the_
     assert sorted(path.name for path in folders["b"].iterdir()) == ["params.yaml"]
 
 
+def test_nodes_of_another_configuration_are_refused_in_one_line_before_anything_is_written(
+    tiny_mwvd, params_dict, tmp_path
+):
+    folders = new_nodes(tmp_path, params_dict)
+    other = {**params_dict, "training": {"dwgn": {**params_dict["training"]["dwgn"], "lr": 5e-4}}}
+    (folders["b"] / "params.yaml").write_text(yaml.safe_dump(other))  # node B was not updated
+    processes = start_nodes(folders, tiny_mwvd, f"127.0.0.1:{free_port()}")
+    for node, process in processes.items():
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode != 0, output
+        lines = [line for line in output.splitlines() if "another configuration or data" in line]
+        assert len(lines) == 1, output
+        assert lines[0].startswith("weather-restore train: training dwgn: process 1 of 2 has another configuration")
+        assert lines[0].endswith("run every node from the same commit and params.yaml, with the same data (dvc pull)")
+        assert sorted(path.name for path in folders[node].iterdir()) == ["params.yaml"], node
+
+
 def test_only_a_lost_peer_becomes_the_one_line_failure_and_each_process_names_where_to_resume_from():
     gloo = RuntimeError(
         "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:41234: Connection reset "

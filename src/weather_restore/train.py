@@ -6,6 +6,7 @@ and every frame; optionally an exponential moving average of the weights (`ema_d
 with a grad scaler) autocast when present, else float32 on the CPU. Under `torchrun` every process trains on its
 share of each global batch with DistributedDataParallel; process 0 alone validates, logs, checkpoints and talks to
 MLflow, and it sends the checkpoint a run resumes from to the others: only its machine needs the training's folder.
+Processes whose config hash (settings and data) differs from process 0's are refused before anything is written.
 A process that loses another (a node died) fails in one line within `peer_timeout` seconds; the rerun resumes.
 Validation reads the `val` split only: the test clips are `evaluate`'s alone.
 
@@ -142,6 +143,14 @@ def broadcast_file(path: Path | None, ctx: Distributed) -> bytes | None:
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=ctx.device)
     dist.broadcast(payload, src=0)
     return payload.cpu().numpy().tobytes()
+
+
+def config_hashes(digest: str, ctx: Distributed) -> list[str]:
+    """Every process's config hash (`digest`, hex), in rank order."""
+    mine = torch.tensor(list(digest.encode()), dtype=torch.uint8, device=ctx.device)
+    hashes = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(hashes, mine)
+    return [bytes(h.cpu().tolist()).decode() for h in hashes]
 
 
 def lost_peer(error: RuntimeError) -> bool:
@@ -421,6 +430,14 @@ class Trainer:
         train_set = training_set(model_name, cfg, data_root)
         self.config = hashed_config(model_name, params, train_set.checksum)
         self.digest = config_hash(self.config)
+        if ctx.world_size > 1:  # each machine reads its own params.yaml and data: they must be process 0's
+            hashes = config_hashes(self.digest, ctx)
+            if others := [rank for rank, digest in enumerate(hashes) if digest != hashes[0]]:
+                raise TrainingError(
+                    f"training {model_name}: process {', '.join(map(str, others))} of {ctx.world_size} has another "
+                    f"configuration or data than process 0 (config hash {hashes[others[0]]}, process 0's "
+                    f"{hashes[0]}): run every node from the same commit and params.yaml, with the same data (dvc pull)"
+                )
         self.previous = self._previous_record() if ctx.main else None
         unlogged = self.previous.training_id if self.previous and not self.previous.complete else None
         self.state = None if restart or not ctx.main else resume_state(self.checkpoint_path, self.digest, unlogged)

@@ -7,7 +7,6 @@ write nothing. The data folder is shared (each machine has its own copy, pulled 
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from tests.servers import free_port
 
 from weather_restore.checkpoint import load_checkpoint
 from weather_restore.config import parse_params
@@ -43,12 +43,6 @@ def params_dict(tiny_params_dict) -> dict:
         log_every=1,
         peer_timeout=PEER_TIMEOUT,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def environment() -> dict[str, str]:

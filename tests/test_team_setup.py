@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.servers import free_port, stop, tail
 
 pytestmark = pytest.mark.slow
 
@@ -47,17 +46,6 @@ START_S = 180
 CLI_S = 300
 FLOW_RUN_S = 300
 IDLE_LIMIT_MIB = 1536  # each server's idle RSS stays under this (MLflow's job runner alone would exceed it)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(errors="replace") if path.is_file() else "(no log)"
-    return f"--- last {lines} lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
 
 
 def sh(cmd: list, cwd: Path, env: dict[str, str], timeout_s: float = CLI_S) -> str:
@@ -103,21 +91,6 @@ def responds(url: str) -> bool:
         return True
     except OSError:
         return False
-
-
-def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """Stop a process started in its own session, with everything it started, politely first."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        if process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ replaces one function so that its n-th call kills the process. The product code 
 """
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tests.stores import all_runs, client
+from tests.stores import own_store_environment as environment
 
 from weather_restore.checkpoint import load_checkpoint
 from weather_restore.config import parse_params
@@ -63,18 +64,6 @@ def params_dict(tiny_params_dict) -> dict:
     return {**params, "evaluation": {"max_clips": 0, "lpips": False, "flops_size": [32, 32]}}
 
 
-def environment() -> dict[str, str]:
-    env = {
-        **os.environ,
-        "WEATHER_RESTORE_PROGRESS": "0",
-        "OMP_NUM_THREADS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)  # each project's own embedded store, <project>/mlflow.db
-    return env
-
-
 def new_project(root: Path, params: dict) -> Path:
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -103,20 +92,6 @@ def kill_on_call(project: Path, target: str, count: int, args: list[str]) -> Non
     command = [sys.executable, "-c", KILL_ON_CALL, module, attribute, str(count), *args]
     result = subprocess.run(command, cwd=project, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, f"not killed at call {count} of {target}:\n{result.stderr}"
-
-
-def client(project: Path):
-    import mlflow
-
-    return mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-
-
-def all_runs(project: Path) -> list:
-    from mlflow.entities import ViewType
-
-    store = client(project)
-    experiments = [e.experiment_id for e in store.search_experiments(view_type=ViewType.ALL)]
-    return store.search_runs(experiments, run_view_type=ViewType.ALL)
 
 
 def losses(project: Path, run_id: str) -> list[tuple[int, float]]:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import yaml
 from tests.servers import free_port
+from tests.stores import all_runs, client
+from tests.stores import own_store_environment as environment
 
 from weather_restore.checkpoint import load_checkpoint
 from weather_restore.config import parse_params
@@ -43,18 +45,6 @@ def params_dict(tiny_params_dict) -> dict:
         log_every=1,
         peer_timeout=PEER_TIMEOUT,
     )
-
-
-def environment() -> dict[str, str]:
-    env = {
-        **os.environ,
-        "WEATHER_RESTORE_PROGRESS": "0",
-        "OMP_NUM_THREADS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)  # each node's own folder, <node>/mlflow.db: rank 1 must create none
-    return env
 
 
 def new_nodes(root: Path, params: dict) -> dict[str, Path]:
@@ -104,20 +94,6 @@ def kill_node(process: subprocess.Popen) -> None:
     assert workers, "node B's torchrun has no worker to kill"
     for pid in [*workers, process.pid]:
         os.kill(pid, signal.SIGKILL)
-
-
-def client(folder: Path):
-    import mlflow
-
-    return mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-
-
-def all_runs(folder: Path) -> list:
-    from mlflow.entities import ViewType
-
-    store = client(folder)
-    experiments = [e.experiment_id for e in store.search_experiments(view_type=ViewType.ALL)]
-    return store.search_runs(experiments, run_view_type=ViewType.ALL)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

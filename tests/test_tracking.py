@@ -8,7 +8,7 @@ import pytest
 
 from weather_restore.config import TrackingConfig, parse_params
 from weather_restore.errors import ModelFileError
-from weather_restore.tracking import RunInfo, flatten, read_run_info, tracking_uri, write_run_info
+from weather_restore.tracking import RunInfo, flatten, git_commit, read_run_info, tracking_uri, write_run_info
 from weather_restore.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -29,6 +29,25 @@ def test_the_default_store_is_a_sqlite_file_in_the_project(tmp_path):
 def test_mlflow_tracking_uri_overrides_the_default(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:5999"
+
+
+def test_a_dvc_lock_rewritten_by_dvc_repro_does_not_make_the_checkout_dirty(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "sub").mkdir()
+    for name in ("dvc.lock", "sub/dvc.lock", "train.py"):
+        (tmp_path / name).write_text("v1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "one")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+
+    (tmp_path / "dvc.lock").write_text("v2\n")
+    (tmp_path / "sub" / "dvc.lock").write_text("v2\n")
+    assert git_commit(tmp_path / "sub") == (commit, False)
+    (tmp_path / "train.py").write_text("v2\n")  # code outside the folder asked about counts too
+    assert git_commit(tmp_path / "sub") == (commit, True)
 
 
 def test_flatten_names_nested_params_by_path():

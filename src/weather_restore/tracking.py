@@ -140,7 +140,10 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def git_commit(project_root: Path) -> tuple[str | None, bool]:
-    """(commit checked out in the project, whether tracked files differ from it); (None, False) outside git."""
+    """(commit checked out in the project, whether tracked files differ from it); (None, False) outside git.
+
+    dvc.lock does not count: `dvc repro` rewrites it after every stage, so a training run from a clean checkout
+    would otherwise always be recorded as made with uncommitted changes."""
 
     def git(*args: str) -> str | None:
         try:
@@ -154,7 +157,9 @@ def git_commit(project_root: Path) -> tuple[str | None, bool]:
     commit = git("rev-parse", "HEAD")
     if not commit:
         return None, False
-    return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
+    return commit, bool(
+        git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude,glob)**/dvc.lock")
+    )
 
 
 def write_run_info(path: Path, info: RunInfo) -> None:

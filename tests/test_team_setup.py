@@ -150,12 +150,14 @@ def postgres() -> Iterator[Postgres]:
         )
     as_owner: list[str] = []
     if os.geteuid() == 0:
-        if shutil.which("runuser") is None or not _user_exists(PG_OS_USER):
+        # runuser lives in /usr/sbin, which a non-login root shell's PATH may lack.
+        runuser = shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+        if runuser is None or not _user_exists(PG_OS_USER):
             unavailable(
                 f"PostgreSQL refuses to run as root and this machine has no user {PG_OS_USER!r} to run it "
                 "(Debian's postgresql package creates it) or no runuser"
             )
-        as_owner = ["runuser", "-u", PG_OS_USER, "--"]
+        as_owner = [runuser, "-u", PG_OS_USER, "--"]
     # Not under pytest's root-only temporary folder: the server's user must reach it.
     folder = Path(tempfile.mkdtemp(prefix="weather-restore-pg-"))
     (folder / "password").write_text(DB_PASSWORD)

@@ -359,6 +359,25 @@ def built_tiny_repo(tiny_pipeline) -> Path:
     return tiny_pipeline.root
 
 
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """Prefect's test harness (a real temporary server, its own database), started once for every test that runs
+    flows in-process; its API URL. PREFECT_HOME points into the session's temporary folder while it runs."""
+    home = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value()
+    finally:
+        if home is None:
+            os.environ.pop("PREFECT_HOME", None)
+        else:
+            os.environ["PREFECT_HOME"] = home
+
+
 @pytest.fixture
 def run():
     """run(cmd, cwd) -> output: a command with this interpreter's tools on PATH; a non-zero exit fails the test."""

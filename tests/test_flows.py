@@ -1,7 +1,6 @@
 """The Prefect flows over a real DVC pipeline, under Prefect's test harness (a real temporary server)."""
 
 import json
-import os
 import subprocess
 import time
 
@@ -13,17 +12,7 @@ from prefect import flow
 from pipelines.flows import StageFailed, registry_state, stream, weather_pipeline
 from weather_restore.errors import ConfigError
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server(tmp_path_factory):
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
 def test_pipeline_flow_runs_the_stale_stages_then_skips_them(built_tiny_repo):

@@ -27,16 +27,6 @@ DEPLOYMENT = "evaluate-champions/evaluate-champions"
 SLOT = "20261202T0600Z"
 
 
-@pytest.fixture(scope="module")
-def prefect_api() -> str:
-    """A real temporary Prefect server for the module; its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def test_the_deployment_has_a_daily_schedule_that_is_off_until_turned_on(prefect_api, tiny_repo, tmp_path, run):
     from prefect.client.orchestration import get_client
 

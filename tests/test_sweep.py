@@ -17,16 +17,6 @@ from weather_restore.data.records import WEATHERS
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def prefect_api() -> str:
-    """A real temporary Prefect server for the module; its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def dvc_json(args: list[str], repo: Path):
     done = subprocess.run(
         [str(Path(sys.executable).parent / "dvc"), *args, "--json"], cwd=repo, capture_output=True, text=True

@@ -278,7 +278,8 @@ def registry_state(repo: Path, model: str) -> str:
     run (models/<model>/run.json), the version the `champion` alias points at and the promotion gate's verdict on
     the newest version (its `promotion.gate` tag, when promote judged it), read from the registry itself."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+
+    from weather_restore.registry import champion_version
 
     run = _read_json(repo / "models" / model / "run.json") or {}
     if not run.get("run_id"):
@@ -287,10 +288,8 @@ def registry_state(repo: Path, model: str) -> str:
     client = MlflowClient(run["tracking_uri"])
     ours = client.search_model_versions(f"name = '{name}' and run_id = '{run['run_id']}'")
     newest = max(ours, key=lambda version: int(version.version), default=None)
-    try:
-        champion = f"v{client.get_model_version_by_alias(name, 'champion').version}"
-    except MlflowException:
-        champion = "none"
+    current = champion_version(client, name)
+    champion = f"v{current.version}" if current else "none"
     if newest is None:
         return f"no {name} version from run {run['run_id']}; champion {champion}"
     gate = newest.tags.get("promotion.gate")
@@ -405,7 +404,7 @@ def evaluate_champions(
     rows = ["| model | version | PSNR | SSIM | input PSNR |", "|---|---|---|---|---|"]
     results, drift = {}, []
     for model in models:
-        champion = champion_version(model, Path(root))
+        champion = current_champion(model, Path(root))
         out = Path(root) / "reports" / "champion" / model
         # The version the alias named when the run began, though promote may move the alias meanwhile.
         uri = f"models:/{champion.name}/{champion.version}"
@@ -429,22 +428,19 @@ def evaluate_champions(
     return results
 
 
-def champion_version(model: str, repo: Path) -> Any:
+def current_champion(model: str, repo: Path) -> Any:
     """The registry version the `champion` alias of `model` names now, from the repository's MLflow store."""
-    from mlflow.exceptions import MlflowException
-
     from weather_restore.errors import RegistryError
-    from weather_restore.registry import CHAMPION, connect
+    from weather_restore.registry import CHAMPION, champion_version, connect
 
     name = MODELS[model].registered_name
     client = connect(_tracking_uri(repo))
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    if (version := champion_version(client, name)) is None:
         raise RegistryError(
             f"{name} has no {CHAMPION} in {client.tracking_uri}: promote a version first "
             f"(weather-restore promote --model {model})"
-        ) from None
+        )
+    return version
 
 
 def champion_drift(model: str, version: str, tags: dict[str, str], metrics: dict[str, Any]) -> list[dict[str, Any]]:

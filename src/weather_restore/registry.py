@@ -190,6 +190,16 @@ class Located:
     model: str | None
 
 
+def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version of registered model `name` that its `champion` alias names now; None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such model, or no such alias
+        return None
+
+
 def locate(uri: str, client: MlflowClient) -> Located:
     """Resolve `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/m-ID` (a logged model) or `runs:/...`."""
     from mlflow.exceptions import MlflowException

@@ -4,22 +4,45 @@ The cases are issue 14's: DynStaticNet forward on 10-frame clips of 128² and 64
 of 64²; DwGN forward on one frame of 128² and 256², a step on one frame of 128², and the 10-frame batch that
 `export` times. ONNX rows run the graph `export` ships: built by `export_onnx` (the stage's exporter and opset)
 and run in the stage's own session. Achieved GFLOP/s is set against the float32 matmul rate measured in the same
-run, and the published code's times (shared/spec/models.md: 2 threads of this machine, float32, eager, matmul at
-about 125 GFLOP/s) are scaled by that rate's ratio to this run's before they are compared.
+run.
 
-Run: python benchmarks/models.py [--threads 2] [--models dynstaticnet,dwgn] [--no-onnx]
+The published code of both papers, two ways:
+- measured (--published DIR): the published models are timed in the same run, on the same inputs, by the same
+  harness (forward under inference_mode, median of 3 after a warm-up; a step with Adam on an MSE loss), each case
+  right after ours, and the ratio published / ours is measured. This is the figure issue 14's goals are about.
+- scaled (without it): the times in shared/spec/models.md (measured on an older machine whose float32 matmul ran
+  at about 125 GFLOP/s) are scaled by the ratio of that rate to this run's matmul rate. A rough estimate only: most
+  of both models' time is memory-bound (elementwise, depthwise and small ops), which does not scale with the
+  matmul rate. Rows and table say "scaled".
+
+Nothing of the published code is in this repository. To make a DIR: clone (outside this repository) the papers'
+repositories, GitHub zqx1216155858/DynstaticNet (mmedit/models/backbones/sr_backbones/DynStaticNet.py) and
+Jeasco/DwGN (model/WAformer.py, model/filters_generator.py); patch them only to run on CPU (`.cuda()`
+and `torch.cuda.FloatTensor` to the input's device, drop the mmedit registry decorator and the unused decord and
+timm imports); install their dependencies somewhere importable (`pip install --target DIR/site --no-deps
+pytorch-wavelets PyWavelets`; einops is already in this environment); and write DIR/published_models.py with
+    LAYOUTS = {"dynstaticnet": ("batch", "frames", "channels", "height", "width"),
+               "dwgn": ("batch", "channels", "height", "width")}   # the input each takes, in facts.py's words
+    def build(name: str) -> torch.nn.Module: ...                    # the reference configuration (spec)
+putting its folders on sys.path itself. The configuration is the spec's reference (DynStaticNet at the README's
+dim 24, DwGN at width 32): the run records both models' parameter counts, to check against the spec's.
+
+Run: python benchmarks/models.py [--threads 2] [--models dynstaticnet,dwgn] [--no-onnx] [--published DIR]
 (writes reports/bench/models.json)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -30,14 +53,15 @@ from weather_restore.config import ExportConfig
 from weather_restore.export import INPUT_NAME, export_onnx, median_seconds, onnx_session
 from weather_restore.metrics import count_flops
 from weather_restore.models import build_model
-from weather_restore.models.facts import MODEL_NAMES
+from weather_restore.models.facts import MODEL_NAMES, model_facts
 from weather_restore.outputs import atomic_write_text
 
 REPEATS = 3
 OUTPUT = Path("reports/bench/models.json")
-SPEC_MATMUL_GFLOPS = 125.0  # the matmul rate of the run that measured the published code (117-138 GFLOP/s)
+SPEC_MATMUL_GFLOPS = 125.0  # the matmul rate of the run that measured the spec's published times (117-138 GFLOP/s)
+ADAPTER = "published_models.py"
 
-# (model, measure, input shape, the published code's seconds from shared/spec/models.md or None)
+# (model, measure, input shape, the published code's seconds in shared/spec/models.md, or None)
 CASES = [
     ("dynstaticnet", "forward", (1, 10, 3, 128, 128), 4.85),
     ("dynstaticnet", "forward", (1, 10, 3, 64, 64), 1.38),
@@ -92,6 +116,32 @@ def count_on_meta(name: str, shape: tuple[int, ...]) -> float:
         return count_flops(build_model(name), torch.empty(shape))["flops"]
 
 
+def load_published(folder: Path) -> ModuleType:
+    """The adapter module in `folder` (see the docstring above): build(name) and LAYOUTS."""
+    path = folder / ADAPTER
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: --published needs a folder with an adapter module {ADAPTER}")
+    spec = importlib.util.spec_from_file_location("published_models", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    for name in ("build", "LAYOUTS"):
+        if not hasattr(module, name):
+            raise ValueError(f"{path} defines no {name}: the adapter needs build(name) and LAYOUTS")
+    return module
+
+
+def to_layout(inputs: torch.Tensor, ours: tuple[str, ...], theirs: tuple[str, ...]) -> torch.Tensor:
+    """`inputs` in our model's axis order, permuted to the published model's."""
+    if sorted(ours) != sorted(theirs):
+        raise ValueError(f"the published model takes axes {theirs}, ours {ours}: not a permutation")
+    return inputs.permute(*(ours.index(axis) for axis in theirs)).contiguous()
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def shipped_session(model: nn.Module, name: str, folder: Path, threads: int) -> tuple[object, float]:
     """The graph as `export` ships it, in the session `export` times it with; and the exporter's seconds."""
     path = folder / f"{name}.onnx"
@@ -100,20 +150,34 @@ def shipped_session(model: nn.Module, name: str, folder: Path, threads: int) -> 
     return onnx_session(path, threads), seconds
 
 
-def bench(names: list[str], threads: int, onnx: bool, rate: float, report: dict, save: Callable[[], None]) -> None:
+def bench(
+    names: list[str],
+    threads: int,
+    onnx: bool,
+    published: ModuleType | None,
+    rate: float,
+    report: dict,
+    save: Callable[[], None],
+) -> None:
     """Fill report's rows and exports, saving after each (a run cut short on a shared machine keeps its rows)."""
     rows, exports = report["rows"], report["exports"]
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             torch.manual_seed(0)
             model = build_model(name).eval()
+            report["parameters"][name] = {"ours": parameter_count(model)}
+            theirs = None
+            if published is not None:
+                torch.manual_seed(0)
+                theirs = published.build(name).eval()
+                report["parameters"][name]["published"] = parameter_count(theirs)
             session = None
             if onnx:
                 session, seconds = shipped_session(model, name, Path(folder), threads)
                 exports[name] = {"exporter": ExportConfig().exporter_for(name), "export_seconds": seconds}
                 print(f"  exported {name} in {seconds:.0f} s", flush=True)
                 save()
-            for case_name, measure, shape, published in CASES:
+            for case_name, measure, shape, spec_seconds in CASES:
                 if case_name != name:
                     continue
                 inputs = torch.rand(shape, generator=torch.Generator().manual_seed(1))
@@ -136,24 +200,40 @@ def bench(names: list[str], threads: int, onnx: bool, rate: float, report: dict,
                             row["onnx_max_abs_diff"] = float(np.abs(restored - model(inputs).numpy()).max())
                         row["onnx_s"] = warm_median(lambda run=session.run, feed=feed: run(None, feed))
                         row["onnx_speedup"] = row["eager_s"] / row["onnx_s"]
-                if published is not None:
-                    scaled = published * SPEC_MATMUL_GFLOPS / rate  # as if the published code ran now
-                    row["published_s"] = published
-                    row["published_scaled_s"] = scaled
-                    row["speedup_vs_published"] = scaled / row["eager_s"]
-                    if "eager_no_dropout_s" in row:
-                        row["speedup_vs_published_no_dropout"] = scaled / row["eager_no_dropout_s"]
+                if theirs is not None:  # right after ours, on the same input, by the same harness
+                    their_inputs = to_layout(inputs, model_facts(name).layout, tuple(published.LAYOUTS[name]))
+                    measure_seconds = step_seconds if measure == "step" else forward_seconds
+                    row["published_measured_s"] = measure_seconds(theirs, their_inputs)
+                    ratios(row, row["published_measured_s"], "measured")
+                if spec_seconds is not None:
+                    row["published_spec_s"] = spec_seconds
+                    row["published_scaled_s"] = spec_seconds * SPEC_MATMUL_GFLOPS / rate  # as if it ran now
+                    ratios(row, row["published_scaled_s"], "scaled")
                 rows.append(row)
                 save()
                 print(f"  {name} {measure} {list(shape)}: {row}", flush=True)
 
 
-def print_table(rows: list[dict], rate: float, threads: int) -> None:
+def ratios(row: dict, published_seconds: float, kind: str) -> None:
+    """published / ours for the row (and for its no-dropout step), `kind` being measured or scaled."""
+    row[f"speedup_vs_published_{kind}"] = published_seconds / row["eager_s"]
+    if "eager_no_dropout_s" in row:
+        row[f"speedup_vs_published_{kind}_no_dropout"] = published_seconds / row["eager_no_dropout_s"]
+
+
+def print_table(rows: list[dict], rate: float, threads: int, measured: bool) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\nfloat32 matmul 2048^3: {rate:.0f} GFLOP/s on {threads} threads; load average {load}")
+    kind = "measured" if measured else "scaled"
+    print(
+        "pub s: the published code timed in this run; spec s: shared/spec/models.md's time on the older machine,"
+        f" scaled: that time x {SPEC_MATMUL_GFLOPS:.0f} / this run's matmul rate;"
+        f" x pub: published / ours eager, {kind}"
+        + ("" if measured else " (no --published DIR: an estimate, not a measurement)")
+    )
     header = (
         f"{'model':<13}{'case':<9}{'input':<20}{'GFLOP':>7}{'eager s':>9}{'GFLOP/s':>9}{'%mm':>5}"
-        f"{'ONNX s':>8}{'ONNX x':>8}{'pub s':>7}{'pub@now':>9}{'vs pub':>8}"
+        f"{'ONNX s':>8}{'ONNX x':>8}{'pub s':>7}{'spec s':>8}{'scaled':>8}{'x pub':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -167,13 +247,14 @@ def print_table(rows: list[dict], rate: float, threads: int) -> None:
             f"{r['model']:<13}{r['measure']:<9}{str(r['input']):<20}{cell(r, 'gflop', '.1f', 7)}"
             f"{cell(r, 'eager_s', '.2f', 9)}{cell(r, 'eager_gflops_per_s', '.1f', 9)}"
             f"{percent:>5}"
-            f"{cell(r, 'onnx_s', '.2f', 8)}{cell(r, 'onnx_speedup', '.2f', 8)}{cell(r, 'published_s', '.2f', 7)}"
-            f"{cell(r, 'published_scaled_s', '.2f', 9)}{cell(r, 'speedup_vs_published', '.2f', 8)}"
+            f"{cell(r, 'onnx_s', '.2f', 8)}{cell(r, 'onnx_speedup', '.2f', 8)}"
+            f"{cell(r, 'published_measured_s', '.2f', 7)}{cell(r, 'published_spec_s', '.2f', 8)}"
+            f"{cell(r, 'published_scaled_s', '.2f', 8)}{cell(r, f'speedup_vs_published_{kind}', '.2f', 7)}"
         )
         if "eager_no_dropout_s" in r:
             print(
-                f"{'':<13}{'  no attention dropout':<36}{r['eager_no_dropout_s']:>9.2f}{'':<46}"
-                f"{r.get('speedup_vs_published_no_dropout', float('nan')):>8.2f}"
+                f"{'':<13}{'  no attention dropout (ours)':<36}{r['eager_no_dropout_s']:>9.2f}{'':<53}"
+                f"{cell(r, f'speedup_vs_published_{kind}_no_dropout', '.2f', 7)}"
             )
 
 
@@ -183,7 +264,22 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODEL_NAMES))
     parser.add_argument("--no-onnx", action="store_true", help="eager PyTorch only (no export)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument(
+        "--published",
+        type=Path,
+        metavar="DIR",
+        help=f"time the published code in this run too, built by DIR/{ADAPTER} (see the module docstring)",
+    )
     args = parser.parse_args()
+    published = None
+    if args.published is not None:
+        try:
+            published = load_published(args.published)
+        except (ValueError, ImportError) as error:
+            parser.error(f"--published: {error}")
+        missing = [name for name in args.models.split(",") if name not in published.LAYOUTS]
+        if missing:
+            parser.error(f"--published: {args.published / ADAPTER} has no LAYOUTS entry for {', '.join(missing)}")
     torch.set_num_threads(args.threads)
     start_rate = matmul_gflops()
     print(f"float32 matmul rate: {start_rate:.0f} GFLOP/s", flush=True)
@@ -193,6 +289,11 @@ def main() -> None:
         "torch": torch.__version__,
         "matmul_gflops_per_s": {"start": start_rate},
         "spec_matmul_gflops_per_s": SPEC_MATMUL_GFLOPS,
+        "published": {
+            "measured": published is not None,
+            "adapter": str(args.published / ADAPTER) if published is not None else None,
+        },
+        "parameters": {},
         "load_average_at_start": os.getloadavg(),
         "exports": {},
         "rows": [],
@@ -202,12 +303,12 @@ def main() -> None:
     def save() -> None:
         atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
 
-    bench(args.models.split(","), args.threads, not args.no_onnx, start_rate, report, save)
+    bench(args.models.split(","), args.threads, not args.no_onnx, published, start_rate, report, save)
     report["matmul_gflops_per_s"]["end"] = matmul_gflops()
     report["load_average_at_end"] = os.getloadavg()
     save()
     # The rate at the start scales the published times and the fractions above; the end rate shows the drift.
-    print_table(report["rows"], start_rate, args.threads)
+    print_table(report["rows"], start_rate, args.threads, measured=published is not None)
     print(f"\nwrote {args.output}")
 
 

@@ -118,19 +118,14 @@ def _load_onnx(
     the `exporter`), and its input's rank agrees. `source` names it in messages (default: the path)."""
     import onnxruntime as ort
 
+    from weather_restore.export import onnx_session
+
     source = source or str(path)
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    # The CPU arena keeps every block it ever allocated: 7.1 GiB after two DynStaticNet windows of 256 x 256
-    # against 3.5 GiB without it (and without preplanned memory patterns), at the same speed.
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = onnx_session(path, threads, providers)  # the session `export` checked and timed the graph in
     except Exception as error:  # onnxruntime raises its own classes for protobuf, graph and type errors
         raise ModelFileError(f"{source}: not a loadable ONNX model ({error})") from None
     (first, *_) = session.get_inputs()

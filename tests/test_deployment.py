@@ -1,5 +1,7 @@
-"""The deployment as a user runs it: a real `prefect server start`, a process work pool, `prefect deploy --all`
-from the repository's own prefect.yaml, `prefect deployment run` and a worker that runs that one flow run."""
+"""The deployment as a user runs it, against the session's real Prefect server (conftest's `prefect_api`; the team
+set-up test runs `prefect server start` itself): a process work pool, `prefect deploy --all` from the repository's
+own prefect.yaml with evaluate-champions' daily schedule off until turned on, `prefect deployment run` and a
+worker that runs that one flow run."""
 
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.servers import free_port, start, stop, tail, wait_until_answers
+from tests.servers import start, stop, tail
 
 pytestmark = pytest.mark.slow
 
 POOL = "weather-restore"
 DEPLOYMENT = "weather-pipeline/weather-pipeline"
-SERVER_START_S = 180
+CHAMPIONS = "evaluate-champions/evaluate-champions"
 CLI_S = 180
 FLOW_RUN_S = 420  # inside the per-test limit (pyproject.toml), so a stuck run fails with the logs
 
@@ -76,35 +78,36 @@ def prefect_environment(home: Path, api_url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def server(tmp_path) -> Iterator[Server]:
-    """`prefect server start` on a free local port with its own PREFECT_HOME (its own SQLite database)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
+def server(prefect_api, tmp_path) -> Iterator[Server]:
+    """The session's Prefect server, for the `prefect` commands of a user with their own PREFECT_HOME; what the
+    test starts against it is stopped at the end."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = Server(url, prefect_environment(tmp_path / "prefect-home", url), logs)
-    prefect = str(Path(sys.executable).parent / "prefect")
-    process, log = server.start(
-        "server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], tmp_path
-    )
+    server = Server(prefect_api, prefect_environment(tmp_path / "prefect-home", prefect_api), logs)
     try:
-        wait_until_answers(f"{url}/health", process, log, SERVER_START_S, "prefect server")
         yield server
     finally:
         for started in reversed(server.processes):
             stop(started)
 
 
-def read_flow_run(api_url: str, flow_run_id: str):
+def read_flow_run(flow_run_id: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:  # the session's server (prefect_api sets PREFECT_API_URL)
         flow_run = client.read_flow_run(flow_run_id)
         deployment = client.read_deployment(flow_run.deployment_id)
         artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     return flow_run, deployment, artifacts
+
+
+def schedule_of(deployment: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        (schedule,) = client.read_deployment_by_name(deployment).schedules
+    return schedule
 
 
 def test_deployment_runs_on_a_process_worker_in_the_repository(server, built_tiny_repo, tmp_path):
@@ -113,6 +116,9 @@ def test_deployment_runs_on_a_process_worker_in_the_repository(server, built_tin
     server.cli("work-pool", "create", POOL, "--type", "process", cwd=tmp_path)
     deployed = server.cli("deploy", "--all", "--no-prompt", cwd=built_tiny_repo)
     assert "weather-pipeline/weather-pipeline" in deployed and "evaluate-champions/evaluate-champions" in deployed
+    # evaluate-champions comes with its daily schedule, off until turned on.
+    schedule = schedule_of(CHAMPIONS)
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 6 * * *", "UTC", False)
 
     created = server.cli(
         "deployment",
@@ -143,7 +149,7 @@ def test_deployment_runs_on_a_process_worker_in_the_repository(server, built_tin
         stop(worker)
         pytest.fail(f"the worker did not finish the flow run within {FLOW_RUN_S} s\n{server.log_tails()}")
 
-    flow_run, deployment, artifacts = read_flow_run(server.url, flow_run_id)
+    flow_run, deployment, artifacts = read_flow_run(flow_run_id)
     assert flow_run.state.is_completed(), (
         f"flow run {flow_run.name} ended {flow_run.state.type.value}: {flow_run.state.message}\n"
         f"worker exit {worker.returncode}\n{server.log_tails()}"
@@ -173,3 +179,7 @@ def test_deployment_runs_on_a_process_worker_in_the_repository(server, built_tin
     (artifact,) = [a for a in artifacts if a.key == "weather-pipeline"]
     assert artifact.type == "markdown"
     assert run.info.run_id in artifact.data
+
+    # The schedule, turned on as the README does (after the worker left: no worker takes its runs here).
+    server.cli("deployment", "schedule", "resume", CHAMPIONS, str(schedule.id), cwd=tmp_path)
+    assert schedule_of(CHAMPIONS).active is True

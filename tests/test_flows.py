@@ -15,41 +15,64 @@ from weather_restore.errors import ConfigError
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
-def test_pipeline_flow_runs_the_stale_stages_then_skips_them(built_tiny_repo):
+def test_the_flow_promotes_runs_the_stale_stages_skips_them_then_completes_with_the_gates_refusal(built_tiny_repo):
+    # One built repository for both stories (a retraining of DwGN costs a stage per step): the flow registers and
+    # promotes what the workspace holds; after an edit of params.yaml it reruns only the stages the edit made
+    # stale, then none; the gate refusing the new version is a decision, and the flow completes.
+    first = weather_pipeline(models=["dwgn"], promote=True, repo=str(built_tiny_repo))
+    assert all(not result["ran"] for result in first["stages"])  # the build left nothing stale
+    assert first["decisions"]["dwgn"].startswith("promoted: DwGN v1 from run ")
+    assert first["decisions"]["dwgn"].endswith("; champion v1; gate: no champion yet")
+
+    # A new training, so a new version, that cannot gain the 100 dB the gate now asks for. The user edits
+    # params.yaml (promote registers what the workspace holds; overrides would run beside it).
     params = yaml.safe_load((built_tiny_repo / "params.yaml").read_text())
     params["training"]["dwgn"]["iterations"] += 1
+    params["registry"]["min_delta"] = 100
     (built_tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     compared = (built_tiny_repo / "reports" / "compare.md").stat().st_mtime_ns
 
-    first = weather_pipeline(models=["dynstaticnet", "dwgn"], repo=str(built_tiny_repo))
-    ran = {stage for result in first["stages"] for stage in result["ran"]}
-    skipped = {stage for result in first["stages"] for stage in result["skipped"]}
+    stale = weather_pipeline(models=["dynstaticnet", "dwgn"], repo=str(built_tiny_repo))
+    ran = {stage for result in stale["stages"] for stage in result["ran"]}
+    skipped = {stage for result in stale["stages"] for stage in result["skipped"]}
     assert ran == {"train@dwgn", "evaluate@dwgn", "export@dwgn", "card@dwgn", "compare"}
     unchanged = {"train@dynstaticnet", "evaluate@dynstaticnet", "export@dynstaticnet", "card@dynstaticnet"}
     assert {"assemble", "split", *unchanged} <= skipped
     assert (built_tiny_repo / "reports" / "compare.md").stat().st_mtime_ns > compared
 
-    second = weather_pipeline(models=["dynstaticnet", "dwgn"], repo=str(built_tiny_repo))
-    assert all(not result["ran"] for result in second["stages"])
-    assert {stage for result in second["stages"] for stage in result["skipped"]} >= {"train@dwgn", "compare"}
+    again = weather_pipeline(models=["dynstaticnet", "dwgn"], repo=str(built_tiny_repo))
+    assert all(not result["ran"] for result in again["stages"])
+    assert {stage for result in again["stages"] for stage in result["skipped"]} >= {"train@dwgn", "compare"}
+
+    refused = weather_pipeline(models=["dwgn"], promote=True, repo=str(built_tiny_repo))
+    assert all(not result["ran"] for result in refused["stages"])
+    assert refused["decisions"]["dwgn"].startswith("refused: DwGN v2 from run ")
+    # The gate's reason, as promote recorded it on version 2 in the registry.
+    assert "; champion v1; gate: a gain of " in refused["decisions"]["dwgn"]
+    assert "less than the 100.00 dB required (registry.min_delta)" in refused["decisions"]["dwgn"]
 
 
-def test_overrides_run_as_a_dvc_experiment_leaving_params_yaml_alone(tiny_repo):
-    before = (tiny_repo / "params.yaml").read_bytes()
+def test_overrides_run_as_a_dvc_experiment_leaving_the_workspace_alone(built_tiny_repo):
+    # On the built repository: the experiment takes the data stages from DVC's cache and reruns only DwGN's.
+    workspace = ("params.yaml", "dvc.lock", "models/dwgn/run.json", "models/dwgn/best.pt", "reports/dwgn/metrics.json")
+    before = {path: (built_tiny_repo / path).read_bytes() for path in workspace}
     with pytest.raises(ConfigError, match="training.dwgn.iterations"):
-        weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": -1}, repo=str(tiny_repo))
+        weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": -1}, repo=str(built_tiny_repo))
     with pytest.raises(ValueError, match="dvc exp apply"):
-        weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": 3}, promote=True, repo=str(tiny_repo))
+        weather_pipeline(
+            models=["dwgn"], params={"training.dwgn.iterations": 3}, promote=True, repo=str(built_tiny_repo)
+        )
 
-    result = weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": 3}, repo=str(tiny_repo))
-    assert (tiny_repo / "params.yaml").read_bytes() == before
-    assert not (tiny_repo / "dvc.lock").exists()  # nothing ran in the workspace
+    result = weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": 3}, repo=str(built_tiny_repo))
+    assert {path: (built_tiny_repo / path).read_bytes() for path in workspace} == before  # nothing ran in it
     found = result["experiment"]
     assert found["params"]["params.yaml"]["data"]["training"]["dwgn"]["iterations"] == 3
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=tiny_repo, capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=built_tiny_repo, capture_output=True, text=True, check=True
+    )
     assert found["name"] in shown.stdout
     # The experiment's training and evaluation logged into the workspace's MLflow store.
-    run = MlflowClient(f"sqlite:///{tiny_repo / 'mlflow.db'}").get_run(found["runs"]["dwgn"])
+    run = MlflowClient(f"sqlite:///{built_tiny_repo / 'mlflow.db'}").get_run(found["runs"]["dwgn"])
     assert run.data.params["iterations"] == "3" and run.data.metrics["test_psnr"] > 0
 
 
@@ -95,21 +118,3 @@ def test_registry_state_names_the_version_of_this_run_and_the_champion(tmp_path)
     run_json.write_text(json.dumps({"model": "dwgn", "run_id": new, "tracking_uri": uri}))
 
     assert registry_state(tmp_path, "dwgn") == f"DwGN v3 from run {new}; champion v1"
-
-
-def test_a_promotion_then_a_refusal_by_the_gate_both_complete_the_flow(built_tiny_repo):
-    first = weather_pipeline(models=["dwgn"], promote=True, repo=str(built_tiny_repo))
-    assert first["decisions"]["dwgn"].startswith("promoted: DwGN v1 from run ")
-    assert first["decisions"]["dwgn"].endswith("; champion v1; gate: no champion yet")
-
-    # A new training, so a new version, that cannot gain the 100 dB the gate now asks for: promote exits 3. The
-    # user edits params.yaml (promote registers what the workspace holds; overrides would run beside it).
-    params = yaml.safe_load((built_tiny_repo / "params.yaml").read_text())
-    params["training"]["dwgn"]["iterations"] += 1
-    params["registry"]["min_delta"] = 100
-    (built_tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    second = weather_pipeline(models=["dwgn"], promote=True, repo=str(built_tiny_repo))
-    assert second["decisions"]["dwgn"].startswith("refused: DwGN v2 from run ")
-    # The gate's reason, as promote recorded it on version 2 in the registry.
-    assert "; champion v1; gate: a gain of " in second["decisions"]["dwgn"]
-    assert "less than the 100.00 dB required (registry.min_delta)" in second["decisions"]["dwgn"]

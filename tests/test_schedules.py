@@ -1,15 +1,14 @@
-"""`evaluate-champions` on a schedule: `prefect deploy` gives the deployment its daily cron, off until turned on, on a
-real Prefect server; the flow evaluates a schedule slot once, however many runs Prefect makes for it, and a run
-that fails gives its slot back. Real flow runs (Prefect's test harness), a real built repository and registry.
+"""`evaluate-champions` on a schedule: the flow evaluates a schedule slot once, however many runs Prefect makes for
+it, and a run that fails gives its slot back. Real flow runs (Prefect's test harness), a real built repository and
+registry. (`prefect deploy` giving the deployment its daily cron, off until turned on, is checked on a real server
+with the other deployments, in tests/test_deployment.py.)
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from dvc.exceptions import NotDvcRepoError
@@ -23,27 +22,7 @@ from weather_restore.tracking import read_run_info
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-DEPLOYMENT = "evaluate-champions/evaluate-champions"
 SLOT = "20261202T0600Z"
-
-
-def test_the_deployment_has_a_daily_schedule_that_is_off_until_turned_on(prefect_api, tiny_repo, tmp_path, run):
-    from prefect.client.orchestration import get_client
-
-    env = {"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_CLI_PROMPT": "false"}
-    prefect = str(Path(sys.executable).parent / "prefect")
-    run([prefect, "work-pool", "create", "weather-restore", "--type", "process"], tiny_repo, **env)
-    run([prefect, "deploy", "--name", "evaluate-champions", "--no-prompt"], tiny_repo, **env)
-
-    with get_client(sync_client=True) as client:
-        (schedule,) = client.read_deployment_by_name(DEPLOYMENT).schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 6 * * *", "UTC", False)
-
-    # As the README turns it on.
-    run([prefect, "deployment", "schedule", "resume", DEPLOYMENT, str(schedule.id)], tiny_repo, **env)
-    with get_client(sync_client=True) as client:
-        (schedule,) = client.read_deployment_by_name(DEPLOYMENT).schedules
-    assert schedule.active is True
 
 
 def test_two_runs_for_one_slot_evaluate_once_and_a_failed_run_gives_its_slot_back(

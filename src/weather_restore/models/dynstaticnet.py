@@ -18,8 +18,10 @@ from torch import nn
 from weather_restore.models.layers import (
     ChannelLayerNorm,
     HaarDWT,
+    Linear,
     PointwiseConv,
     cached_shifted_window_mask,
+    linear,
     mirror_pad_to_multiple,
     window_merge,
     window_partition,
@@ -77,31 +79,36 @@ class Attention(nn.Module):
             raise ValueError(f"{dim} channels do not split into {heads} heads")
         self.heads = heads
         self.attn_drop = dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
         self.degradation_query = None
         self.query_proj = None
         if query_tokens is not None:
             self.degradation_query = nn.Parameter(torch.randn(query_tokens, dim) * 0.02)
-            self.query_proj = nn.Linear(dim, dim)
+            self.query_proj = Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (N, G, L, C); mask, additive, (G, L, L) or None."""
         groups = tokens.shape[1]
-        qkv = self.qkv(tokens)  # (N, G, L, 3C)
+        bias = self.qkv.bias
         if self.degradation_query is not None:
-            # q's third of the projection gets the projected query (k and v get zeros): one add, no split
+            # q's third of the projection gets the projected query (k and v get zeros): added with the bias
             query = self.query_proj(self.degradation_query)
-            qkv = qkv + F.pad(query, (0, 2 * query.shape[-1]))
-        # groups into the head axis: 4-D inputs run the fused CPU kernel and one mask broadcasts over N
-        q, k, v = rearrange(qkv, "n g l (three h d) -> three n (g h) l d", three=3, h=self.heads)
-        if mask is not None:
+            bias = bias + F.pad(query, (0, 2 * query.shape[-1]))  # (L, 3C) or (1, 3C)
+        qkv = linear(tokens, self.qkv.weight, bias)  # (N, G, L, 3C)
+        dropout = self.attn_drop if self.training else 0.0
+        if mask is None:
+            # each group a batch entry: q, k, v stay views of qkv (no copy), which the fused CPU kernel reads as is
+            q, k, v = rearrange(qkv, "n g l (three h d) -> three (n g) h l d", three=3, h=self.heads)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = rearrange(out, "(n g) h l d -> n g l (h d)", g=groups)
+        else:
+            # groups into the head axis: 4-D inputs run the fused CPU kernel and one mask broadcasts over N
+            q, k, v = rearrange(qkv, "n g l (three h d) -> three n (g h) l d", three=3, h=self.heads)
             mask = repeat(mask, "g l m -> 1 (g h) l m", h=self.heads)  # 4-D, or SDPA falls back to math
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0
-        )
-        out = rearrange(out, "n (g h) l d -> n g l (h d)", g=groups)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = rearrange(out, "n (g h) l d -> n g l (h d)", g=groups)
         return self.proj_drop(self.proj(out))
 
 

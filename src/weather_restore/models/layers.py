@@ -51,6 +51,30 @@ class ChannelLayerNorm(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether x is on the CPU in plain eager mode (not traced, exported or compiled): where the hand-picked
+    kernels below pay off; graphs keep the plain operators, which their compilers fuse themselves."""
+    return x.is_cpu and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias, the bias (out,) or broadcast over the trailing dims of the output (e.g. (L, out)).
+
+    In eager CPU mode the bias is added in place after the matmul: CPU addmm first copies the bias into the
+    output and then accumulates into it, 25-35% slower on the few-channel layers here.
+    """
+    if bias is None or not eager_cpu(x):
+        return F.linear(x, weight, bias) if bias is None or bias.dim() == 1 else F.linear(x, weight) + bias
+    return torch.matmul(x, weight.t()).add_(bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class PointwiseConv(nn.Conv2d):
     """A 1x1 convolution (an nn.Conv2d: same parameters and state) computed in eager mode as a matmul over the
     channels of each pixel: on channels-last input both permutes are views, whereas CPU convolution sends 1x1
@@ -62,9 +86,9 @@ class PointwiseConv(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        if not eager_cpu(x):
             return super().forward(x)
-        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:

@@ -111,7 +111,8 @@ def schedule_of(deployment: str):
 
 
 def test_deployment_runs_on_a_process_worker_in_the_repository(server, built_tiny_repo, tmp_path):
-    params_before = (built_tiny_repo / "params.yaml").read_bytes()
+    workspace = ("params.yaml", "dvc.lock", "models/dwgn/run.json", "models/dwgn/best.pt", "reports/dwgn/metrics.json")
+    before = {path: (built_tiny_repo / path).read_bytes() for path in workspace}
     built_run = json.loads((built_tiny_repo / "models" / "dwgn" / "run.json").read_text())["run_id"]
     server.cli("work-pool", "create", POOL, "--type", "process", cwd=tmp_path)
     deployed = server.cli("deploy", "--all", "--no-prompt", cwd=built_tiny_repo)
@@ -162,23 +163,32 @@ def test_deployment_runs_on_a_process_worker_in_the_repository(server, built_tin
     assert flow_run.parameters["params"] == {"training.dwgn.iterations": 4}
     assert not (elsewhere / "models").exists() and not (elsewhere / "dvc.lock").exists()
 
-    # The override ran as a DVC experiment beside the workspace, which stays as it was built ...
-    assert (built_tiny_repo / "params.yaml").read_bytes() == params_before
-    assert json.loads((built_tiny_repo / "models" / "dwgn" / "run.json").read_text())["run_id"] == built_run
+    # The override ran as a DVC experiment beside the workspace, which stays as it was built: nothing ran in it ...
+    assert {path: (built_tiny_repo / path).read_bytes() for path in workspace} == before
     # ... and its training, 4 iterations, and that training's evaluation went to the repository's MLflow store.
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{built_tiny_repo / 'mlflow.db'}")
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
     trainings = client.search_runs(experiments, "tags.stage = 'train' and tags.model = 'dwgn'")
-    (run,) = [found for found in trainings if found.info.run_id != built_run]
-    assert run.info.status == "FINISHED", f"MLflow run {run.info.run_id}: {run.info}"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert "test_psnr" in run.data.metrics
+    (tracked,) = [found for found in trainings if found.info.run_id != built_run]
+    assert tracked.info.status == "FINISHED", f"MLflow run {tracked.info.run_id}: {tracked.info}"
+    assert tracked.data.params["iterations"] == "4"
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert tracked.data.metrics["test_psnr"] > 0
 
+    # The flow's artifact names the experiment and its MLflow run; `dvc exp show` lists the experiment, with the
+    # override among its params.
     (artifact,) = [a for a in artifacts if a.key == "weather-pipeline"]
     assert artifact.type == "markdown"
-    assert run.info.run_id in artifact.data
+    assert tracked.info.run_id in artifact.data
+    name = re.search(r"DVC experiment `([^`]+)`", artifact.data).group(1)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    listed = subprocess.run([dvc, "exp", "show", "--json"], cwd=built_tiny_repo, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    shown = json.loads(listed.stdout)
+    (experiment,) = [found for base in shown for found in base.get("experiments") or [] if found.get("name") == name]
+    assert experiment["revs"][0]["data"]["params"]["params.yaml"]["data"]["training"]["dwgn"]["iterations"] == 4
 
     # The schedule, turned on as the README does (after the worker left: no worker takes its runs here).
     server.cli("deployment", "schedule", "resume", CHAMPIONS, str(schedule.id), cwd=tmp_path)

@@ -52,28 +52,16 @@ def test_the_flow_promotes_runs_the_stale_stages_skips_them_then_completes_with_
     assert "less than the 100.00 dB required (registry.min_delta)" in refused["decisions"]["dwgn"]
 
 
-def test_overrides_run_as_a_dvc_experiment_leaving_the_workspace_alone(built_tiny_repo):
-    # On the built repository: the experiment takes the data stages from DVC's cache and reruns only DwGN's.
-    workspace = ("params.yaml", "dvc.lock", "models/dwgn/run.json", "models/dwgn/best.pt", "reports/dwgn/metrics.json")
-    before = {path: (built_tiny_repo / path).read_bytes() for path in workspace}
+def test_bad_overrides_and_overrides_with_promote_are_refused_before_anything_runs(tiny_repo):
+    # An override that passes runs as a DVC experiment beside the workspace: tests/test_deployment.py runs one through
+    # a deployment and a worker (the same flow), and checks the experiment, its MLflow runs and the workspace.
+    before = (tiny_repo / "params.yaml").read_bytes()
     with pytest.raises(ConfigError, match="training.dwgn.iterations"):
-        weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": -1}, repo=str(built_tiny_repo))
+        weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": -1}, repo=str(tiny_repo))
     with pytest.raises(ValueError, match="dvc exp apply"):
-        weather_pipeline(
-            models=["dwgn"], params={"training.dwgn.iterations": 3}, promote=True, repo=str(built_tiny_repo)
-        )
-
-    result = weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": 3}, repo=str(built_tiny_repo))
-    assert {path: (built_tiny_repo / path).read_bytes() for path in workspace} == before  # nothing ran in it
-    found = result["experiment"]
-    assert found["params"]["params.yaml"]["data"]["training"]["dwgn"]["iterations"] == 3
-    shown = subprocess.run(
-        ["dvc", "exp", "show", "--json"], cwd=built_tiny_repo, capture_output=True, text=True, check=True
-    )
-    assert found["name"] in shown.stdout
-    # The experiment's training and evaluation logged into the workspace's MLflow store.
-    run = MlflowClient(f"sqlite:///{built_tiny_repo / 'mlflow.db'}").get_run(found["runs"]["dwgn"])
-    assert run.data.params["iterations"] == "3" and run.data.metrics["test_psnr"] > 0
+        weather_pipeline(models=["dwgn"], params={"training.dwgn.iterations": 3}, promote=True, repo=str(tiny_repo))
+    assert (tiny_repo / "params.yaml").read_bytes() == before
+    assert not (tiny_repo / "dvc.lock").exists()  # nothing ran
 
 
 def test_a_failing_stage_fails_the_flow_with_its_message(tiny_repo):

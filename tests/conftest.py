@@ -411,15 +411,14 @@ def running_mlflow_server(folder: Path) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def mlflow_server(tmp_path) -> Iterator[str]:
-    """A server of the test's own, its files in tmp_path/server."""
-    with running_mlflow_server(tmp_path / "server") as url:
-        yield url
+@pytest.fixture(scope="session")
+def mlflow_server_folder(tmp_path_factory) -> Path:
+    """Where `mlflow_server` keeps its SQLite store (server.db) and its artifacts (artifacts/)."""
+    return tmp_path_factory.mktemp("mlflow") / "server"
 
 
-@pytest.fixture(scope="module")
-def module_mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """One server for a whole test module (starting one takes seconds); tests keep apart by their own names."""
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow") / "server") as url:
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_folder) -> Iterator[str]:
+    """One server for the whole session (starting one takes seconds); tests keep apart by their own names and runs."""
+    with running_mlflow_server(mlflow_server_folder) as url:
         yield url

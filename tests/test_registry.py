@@ -42,20 +42,20 @@ WEIGHTS, OTHER_WEIGHTS = hashlib.sha256(b"best.pt").hexdigest(), hashlib.sha256(
 
 
 @pytest.fixture(scope="module")
-def server(module_mlflow_server):
-    """The module's server as MLFLOW_TRACKING_URI (what the CLI reads), and MLflow's global URI reset afterwards."""
+def server(mlflow_server):
+    """The session's server as this module's MLFLOW_TRACKING_URI (what the CLI reads); MLflow's global URI reset."""
     import mlflow
 
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (
-            ("MLFLOW_TRACKING_URI", module_mlflow_server),
+            ("MLFLOW_TRACKING_URI", mlflow_server),
             ("MLFLOW_DISABLE_TELEMETRY", "true"),
             ("DO_NOT_TRACK", "true"),
             ("WEATHER_RESTORE_PROGRESS", "0"),
         ):
             patch.setenv(name, value)
-        mlflow.set_tracking_uri(module_mlflow_server)
-        yield module_mlflow_server
+        mlflow.set_tracking_uri(mlflow_server)
+        yield mlflow_server
         mlflow.set_tracking_uri(None)
 
 

@@ -118,7 +118,7 @@ def _load_onnx(
     the `exporter`), and its input's rank agrees. `source` names it in messages (default: the path)."""
     import onnxruntime as ort
 
-    from weather_restore.export import onnx_session
+    from weather_restore.export import onnx_session, release_after_run
 
     source = source or str(path)
     providers = ["CPUExecutionProvider"]
@@ -144,9 +144,11 @@ def _load_onnx(
         raise ModelFileError(f"{source}: metadata says {declared}, but its input {first.shape} is {facts.name}'s")
     _check_name(source, facts.name, expected)
 
+    run_options = release_after_run()
+
     def forward(x: np.ndarray) -> np.ndarray:
         try:
-            return session.run(None, {first.name: x})[0]
+            return session.run(None, {first.name: x}, run_options)[0]
         except Exception as error:  # e.g. a graph exported with a size baked in, given another size
             raise ModelFileError(f"{source}: ONNX Runtime failed on an input of shape {x.shape} ({error})") from None
 

@@ -158,8 +158,8 @@ class GatedFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.depthwise(self.expand(x)).chunk(2, dim=1)
-        # a is a channel slice of a channels-last tensor, so strided: GELU runs scalar on it (7x slower on CPU,
-        # backward too), whereas a dense copy of a vectorises
+        # a is a channel slice of a channels-last tensor, so strided, and GELU runs scalar on it (7x slower on
+        # CPU, backward too); on a dense copy it vectorises
         return F.gelu(a.contiguous(memory_format=torch.channels_last)) * b
 
 

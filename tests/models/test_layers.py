@@ -1,11 +1,14 @@
-"""The shared layers: Haar DWT, channel LayerNorm, mirror padding, windows and the shifted-window mask."""
+"""The shared layers: Haar DWT, channel LayerNorm, linear, mirror padding, windows and the shifted-window mask."""
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from weather_restore.models.layers import (
     ChannelLayerNorm,
     HaarDWT,
+    Linear,
+    linear,
     mirror_pad_to_multiple,
     shifted_window_mask,
     window_merge,
@@ -87,3 +90,19 @@ def test_a_shift_mask_cached_under_inference_mode_still_serves_a_training_step()
     scores = torch.zeros(mask.shape, requires_grad=True)
     (scores * mask).sum().backward()  # mul saves the mask for backward, which an inference tensor refuses
     assert not mask.is_inference()
+
+
+def test_linear_adds_a_per_channel_or_per_token_bias_and_keeps_nn_linear_state_and_gradients():
+    x = torch.randn(2, 5, 4, 6, requires_grad=True)
+    weight, bias, per_token = torch.randn(9, 6), torch.randn(9), torch.randn(4, 9)
+    torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias))
+    torch.testing.assert_close(linear(x, weight, per_token), F.linear(x, weight) + per_token)
+    linear(x, weight, per_token).square().sum().backward()  # the in-place bias add keeps autograd intact
+    expected = torch.autograd.grad((F.linear(x, weight) + per_token).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    torch.manual_seed(0)
+    reference = nn.Linear(6, 9)
+    layer = Linear(6, 9)
+    layer.load_state_dict(reference.state_dict())
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    torch.testing.assert_close(layer(x), reference(x))

@@ -120,11 +120,10 @@ def onnx_session(path: Path, threads: int | None = None, providers: Sequence[str
     stage's own parity and latency, the benchmarks. All of ORT's graph optimisations are applied here, when the
     session is made, so the shipped file stays portable (no layouts of this CPU saved into it).
 
-    Memory: tensors come from ORT's CPU arena, without preplanned memory patterns (a second copy of the run's
-    peak), and runs given `release_after_run()` hand the arena back at their end. One DynStaticNet forward of 10
-    frames of 128 x 128 peaked at 0.43 GiB so (and faulted in 0.3 GB of pages), against 1.9 GiB (and 2.2 GB)
-    with plain malloc, whose heap kept freed tensors resident: 7.0 GiB at a restore tile of 256 x 256.
-    threads: intra-op threads (None: one per core).
+    Memory: tensors come from ORT's CPU arena (no preplanned memory patterns), and runs given
+    `release_after_run()` hand the arena back at their end. One DynStaticNet forward of a restore tile (10 frames
+    of 256 x 256) peaked at 1.3 GiB so, against 7.0 GiB without the arena: every tensor a malloc, and glibc's
+    heap kept the freed ones resident. threads: intra-op threads (None: one per core).
     """
     import onnxruntime as ort
 

@@ -3,7 +3,7 @@ backend, at 256x256 and at 1920x1080.
 
 The models have their default configs and random weights (seed 0): speed and memory do not depend on the weights.
 Each measurement runs the real `restore` stage (PyAV decode, 10-frame windows, 256-pixel tiles overlapping by 32,
-libx264 encode) on a synthetic video in a process of its own, so that its peak RSS (ru_maxrss: the model or ONNX
+libx264 encode) on a synthetic video in a process of its own, so that its peak RSS (VmHWM: the model or ONNX
 session, the frame buffers, the codecs) is its own.
 
 A 1920x1080 frame is 45 tiles, minutes of CPU per frame here, so at that size the model runs for real on one
@@ -161,9 +161,22 @@ def measure(model_name: str, backend: str, height: int, width: int, threads: int
         "pipeline_s_per_frame": pipeline_per_frame,
         "wall_s": wall,
         "fps": 1 / (forward_s * per_frame + pipeline_per_frame),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "threads": threads or torch.get_num_threads(),
     }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM is the peak of this program's own memory; ru_maxrss also
+    counts the parent's memory at the fork that started it (the kernel carries it across exec), so a measurement
+    started by a parent that exported the models would report the parent's 2.6 GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def print_table(rows: list[dict[str, object]]) -> None:

@@ -26,6 +26,22 @@ TINY_SIZE = 32
 TINY_FRAMES = 12  # two 6-frame clips per video
 
 
+def share_the_cores() -> None:
+    """Under pytest-xdist, each test process, and the stages it starts, gets its share of the cores: OpenMP's
+    threads spin while they wait, so two processes of two threads on two cores stall each other (measured on a clean
+    clone's CI: the DwGN overfitting test took 116 s beside the other test process, 8 s alone). An OMP_NUM_THREADS
+    set by the caller wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+share_the_cores()
+
 # What the pipeline writes into a project; a test writes its own into temporary folders, never into this checkout.
 PROJECT_OUTPUTS = ("mlruns", "mlartifacts", "mlflow.db", "data", "models/dwgn", "models/dynstaticnet")
 

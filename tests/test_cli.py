@@ -69,12 +69,21 @@ def test_compare_prints_the_table_it_writes(project, tiny_mwvd, capsys):
 
     from weather_restore.evaluate import evaluate_model
 
+    class Negative(nn.Module):  # a "model" that loses to its input, by a different margin per weather
+        def forward(self, x):
+            return 1 - x
+
     for name in ("dynstaticnet", "dwgn"):
-        evaluate_model(nn.Identity(), name, tiny_mwvd, project / "reports" / name, use_lpips=False, temporal=False)
+        evaluate_model(Negative(), name, tiny_mwvd, project / "reports" / name, use_lpips=False, temporal=False)
 
     assert main(["compare"]) == 0
 
     table = (project / "reports" / "compare.md").read_text()
     assert capsys.readouterr().out == table + "\n"
     for name in ("dynstaticnet", "dwgn"):
-        assert f"| {name} | overall |" in table
+        metrics = json.loads((project / "reports" / name / "metrics.json").read_text())
+        for weather, row in [("overall", metrics["overall"]), *metrics["per_weather"].items()]:
+            gain = row["psnr"] - row["input_psnr"]
+            assert gain < -0.1  # the negative loses: the column's sign is the model's PSNR over the input's
+            cells = f"{row['psnr']:.2f} | {row['ssim']:.4f} | n/a | {row['input_psnr']:.2f} | {gain:+.2f} |"
+            assert f"| {name} | {weather} | {cells}" in table

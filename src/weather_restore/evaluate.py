@@ -385,6 +385,11 @@ def _milli(value: float | None) -> float | None:
     return None if value is None else 1e3 * value
 
 
+def _gain(psnr: float | None, input_psnr: float | None) -> str:
+    """`+0.87`: the model's PSNR over the degraded input's, in dB."""
+    return "n/a" if psnr is None or input_psnr is None else f"{psnr - input_psnr:+.2f}"
+
+
 def _gflops(metrics: dict[str, Any]) -> str:
     """`51.6 (10x128x128)`: the figure with the frames it counts (evaluation.flops_size), which can differ."""
     if metrics["gflops"] is None:
@@ -407,16 +412,17 @@ def compare_table(metrics_by_model: dict[str, dict[str, Any]]) -> str:
         "of the input and of the clean clip (the flow's own residual, the floor); flicker is the mean "
         "|(R_t - R_t-1) - (C_t - C_t-1)|, zero for a clip that changes exactly as the clean one.",
         "",
-        "| model | weather | PSNR | SSIM | LPIPS | input PSNR | input SSIM | warp (x1e3) | input warp | clean warp "
-        "| flicker (x1e3) | input flicker | params | GFLOPs (frames) | frames/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weather | PSNR | SSIM | LPIPS | input PSNR | gain (dB) | input SSIM | warp (x1e3) | input warp "
+        "| clean warp | flicker (x1e3) | input flicker | params | GFLOPs (frames) | frames/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, metrics in metrics_by_model.items():
         groups = [("overall", metrics["overall"])] + list(metrics["per_weather"].items())
         for weather, row in groups:
             lines.append(
                 f"| {name} | {weather} | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 4)} | {_fmt(row['lpips'], 4)} "
-                f"| {_fmt(row['input_psnr'], 2)} | {_fmt(row['input_ssim'], 4)} | "
+                f"| {_fmt(row['input_psnr'], 2)} | {_gain(row['psnr'], row['input_psnr'])} "
+                f"| {_fmt(row['input_ssim'], 4)} | "
                 + " | ".join(_fmt(_milli(row.get(key)), 2) for key in TABLE_TEMPORAL)
                 + f" | {metrics['params']:,} "
                 f"| {_gflops(metrics)} | {metrics['fps']:.1f} |"

@@ -24,6 +24,7 @@ from torch import nn
 from weather_restore.models.layers import (
     ChannelLayerNorm,
     PointwiseConv,
+    attention,
     cached_shifted_window_mask,
     mirror_pad_to_multiple,
     window_merge,
@@ -233,8 +234,8 @@ class HDMC(nn.Module):
         qs, ks, vs = self.windows(self.static_conv(F.gelu(self.static_pw(x))))
         qd, kd, vd = self.windows(self.dynamic_conv(F.gelu(self.dynamic_pw(x))))
         mask = self.attention_mask(height, width, x.device).to(qs.dtype)
-        static_map_out = F.scaled_dot_product_attention(qs, ks, vd, attn_mask=mask)
-        dynamic_map_out = F.scaled_dot_product_attention(qd, kd, vs, attn_mask=mask)
+        static_map_out = attention(qs, ks, vd, mask)
+        dynamic_map_out = attention(qd, kd, vs, mask)
         out = torch.cat(
             [self.merge(static_map_out, height, width), self.merge(dynamic_map_out, height, width)], dim=1
         )  # (B, 2C, H, W)

@@ -20,6 +20,7 @@ from weather_restore.models.layers import (
     HaarDWT,
     Linear,
     PointwiseConv,
+    attention,
     cached_shifted_window_mask,
     linear,
     mirror_pad_to_multiple,
@@ -101,13 +102,13 @@ class Attention(nn.Module):
         if mask is None:
             # each group a batch entry: q, k, v stay views of qkv (no copy), which the fused CPU kernel reads as is
             q, k, v = rearrange(qkv, "n g l (three h d) -> three (n g) h l d", three=3, h=self.heads)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = attention(q, k, v, dropout=dropout)
             out = rearrange(out, "(n g) h l d -> n g l (h d)", g=groups)
         else:
             # groups into the head axis: 4-D inputs run the fused CPU kernel and one mask broadcasts over N
             q, k, v = rearrange(qkv, "n g l (three h d) -> three n (g h) l d", three=3, h=self.heads)
             mask = repeat(mask, "g l m -> 1 (g h) l m", h=self.heads)  # 4-D, or SDPA falls back to math
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = attention(q, k, v, mask, dropout)
             out = rearrange(out, "n (g h) l d -> n g l (h d)", g=groups)
         return self.proj_drop(self.proj(out))
 

@@ -8,6 +8,7 @@ from weather_restore.models.layers import (
     ChannelLayerNorm,
     HaarDWT,
     Linear,
+    attention,
     linear,
     mirror_pad_to_multiple,
     shifted_window_mask,
@@ -106,3 +107,43 @@ def test_linear_adds_a_per_channel_or_per_token_bias_and_keeps_nn_linear_state_a
     layer.load_state_dict(reference.state_dict())
     assert list(layer.state_dict()) == ["weight", "bias"]
     torch.testing.assert_close(layer(x), reference(x))
+
+
+class _ExportForms(nn.Module):
+    """A channel LayerNorm, then attention among each pixel's row neighbours with and without a mask: the two
+    layers that take another form inside an ONNX export."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = ChannelLayerNorm(channels)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 2, generator=torch.Generator().manual_seed(1))
+            self.norm.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        tokens = x.permute(0, 2, 1, 3)  # (N, H, C, W): W tokens of C channels per row, H rows as heads
+        tokens = tokens.transpose(-2, -1)  # (N, H, W, C)
+        width = tokens.shape[-2]
+        mask = torch.zeros(width, width).masked_fill(torch.ones(width, width, dtype=torch.bool).triu(1), float("-inf"))
+        return attention(tokens, tokens * 0.5, tokens, mask) + attention(tokens, tokens, tokens * 2)
+
+
+def test_the_export_forms_of_layer_norm_and_attention_compute_what_eager_does(tmp_path):
+    """ChannelLayerNorm and `attention` run other operators inside an ONNX export (reductions on the channel
+    axis; the scale on q alone, so that ONNX Runtime fuses k's Transpose into its MatMul); ONNX Runtime must give
+    what eager PyTorch gives."""
+    import onnx
+    import onnxruntime as ort
+
+    module = _ExportForms(6).eval()
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    path = tmp_path / "forms.onnx"
+    torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=18, input_names=["x"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        eager = module(x)
+    torch.testing.assert_close(torch.from_numpy(exported), eager, atol=1e-5, rtol=1e-5)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "LayerNormalization" not in ops and "ReduceMean" in ops  # the export form ran, not F.layer_norm

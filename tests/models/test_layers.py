@@ -122,8 +122,7 @@ class _ExportForms(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
-        tokens = x.permute(0, 2, 1, 3)  # (N, H, C, W): W tokens of C channels per row, H rows as heads
-        tokens = tokens.transpose(-2, -1)  # (N, H, W, C)
+        tokens = x.permute(0, 2, 3, 1)  # (N, H, W, C): each row's W pixels are the tokens, the H rows the heads
         width = tokens.shape[-2]
         mask = torch.zeros(width, width).masked_fill(torch.ones(width, width, dtype=torch.bool).triu(1), float("-inf"))
         return attention(tokens, tokens * 0.5, tokens, mask) + attention(tokens, tokens, tokens * 2)

@@ -6,7 +6,7 @@ leaves the previous output or the new one, never a half-written file under the f
 carries the writer's process id, so the next run recognises the partials of writers that died and removes them.
 
 An output replaces only what the tool wrote before: every output folder carries a marker file
-(`.weather-restore-output.json`: command, time, version), and `check_output_folder` / `check_output_file` refuse,
+(`.weather-restore-output.json`: command, version), and `check_output_folder` / `check_output_file` refuse,
 before any work starts, a folder or file the tool did not write (unless forced) and, even when forced, an output
 that would delete the input, the current folder or the home folder.
 """
@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 from weather_restore.errors import OutputError
@@ -132,7 +131,9 @@ def write_marker(folder: Path, command: str) -> Path:
     """Sign `folder` (while it is still a partial) as an output of `command`, so later runs may replace it."""
     from weather_restore import __version__
 
-    stamp = {"command": command, "created": datetime.now(UTC).isoformat(timespec="seconds"), "version": __version__}
+    # No time stamp: the marker sits inside outputs that DVC hashes, and a stage re-run on the same inputs must
+    # give the same hash, or every stage after it reruns (and two machines' dvc.lock never agree).
+    stamp = {"command": command, "version": __version__}
     path = Path(folder) / MARKER_NAME
     path.write_text(json.dumps(stamp, indent=1) + "\n")
     return path

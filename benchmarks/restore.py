@@ -14,8 +14,9 @@ window (DynStaticNet: a window every 5 frames, so tiles / 5 forwards per frame) 
 the median of the timed forwards (the warm-up one left out), and the pipeline's time is everything else
 (decoding, windows, blending, encoding) measured over the whole run.
 
-ONNX models are the graphs `weather-restore export` ships (its exporter and dynamic axes, built by
-`export_onnx`), exported once and cached in the system's temporary folder.
+Backends: pytorch (float32), pytorch-bfloat16 (`restore --precision bfloat16`: the checkpoint under bfloat16
+autocast) and onnxruntime. ONNX models are the graphs `weather-restore export` ships (its exporter and dynamic
+axes, built by `export_onnx`), exported once and cached in the system's temporary folder.
 
 On a machine shared with other work, --threads 1 avoids the stalls of threads spinning for a busy core.
 
@@ -57,7 +58,7 @@ from weather_restore.windows import TILE, TILE_OVERLAP, WINDOW, WINDOW_STRIDE, t
 OUTPUT = Path("reports/bench/restore.json")
 CACHE = Path(tempfile.gettempdir()) / "weather-restore-bench"
 SIZES = ((256, 256), (1080, 1920))
-BACKENDS = ("pytorch", "onnxruntime")
+BACKENDS = ("pytorch", "pytorch-bfloat16", "onnxruntime")  # the second: `restore --precision bfloat16`
 TIMED_TILES = 2  # real forwards at 1080p besides the warm-up one
 
 
@@ -119,7 +120,8 @@ def measure(model_name: str, backend: str, height: int, width: int, threads: int
         checkpoint = work / "model.pt"
         save_checkpoint(checkpoint, {"model": module.state_dict(), "model_name": model_name, "model_config": {}})
         del module
-        model = load_restorer(str(checkpoint), threads=threads)
+        precision = "bfloat16" if backend == "pytorch-bfloat16" else "float32"
+        model = load_restorer(str(checkpoint), threads=threads, precision=precision)
     frames = clip_frames(model_name, height)
     write_video(work / "input.mp4", frames, height, width)
     tiles = len(tile_starts(height, TILE, TILE_OVERLAP)) * len(tile_starts(width, TILE, TILE_OVERLAP))
@@ -183,13 +185,13 @@ def print_table(rows: list[dict[str, object]]) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{os.cpu_count()} CPUs, torch threads {rows[0]['threads'] if rows else '-'}, load average {load}")
     header = (
-        f"{'model':<13} {'backend':<12} {'size':>10} {'fwd/frame':>9} {'s/forward':>9} {'frames/s':>9} {'peak RSS':>9}"
+        f"{'model':<13} {'backend':<17} {'size':>10} {'fwd/frame':>9} {'s/forward':>9} {'frames/s':>9} {'peak RSS':>9}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row['model']:<13} {row['backend']:<12} {row['size']:>10} {row['forwards_per_frame']:>9.1f} "
+            f"{row['model']:<13} {row['backend']:<17} {row['size']:>10} {row['forwards_per_frame']:>9.1f} "
             f"{row['forward_s']:>9.2f} {row['fps']:>9.4f} {row['peak_rss_mib'] / 1024:>7.2f} GiB"
         )
 

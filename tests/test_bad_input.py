@@ -152,6 +152,15 @@ CLI_ROWS = {
     "fps-0": (["restore", "photo.png", "-o", "out.mp4", "--model", "dwgn.pt", "--fps", "0"], ["--fps", "above 0"]),
     "fps-negative": (["restore", "photo.png", "-o", "out.mp4", "--model", "dwgn.pt", "--fps", "-3"], ["--fps", "-3"]),
     "device": (["restore", "photo.png", "-o", "out.png", "--model", "dwgn.pt", "--device", "bogus"], ["--device"]),
+    "precision": (["restore", "photo.png", "-o", "out.png", "--model", "dwgn.pt", "--precision", "fp16"], ["fp16"]),
+    "precision-of-onnx": (
+        ["restore", "photo.png", "-o", "out.png", "--model", "dwgn.onnx", "--precision", "bfloat16"],
+        ["--precision bfloat16", "dwgn.onnx is an ONNX graph", "float32"],
+    ),
+    "precision-of-registry": (
+        ["restore", "photo.png", "-o", "out.png", "--model", "models:/DwGN@champion", "--precision", "bfloat16"],
+        ["--precision bfloat16", "models:/DwGN@champion is an ONNX graph"],
+    ),
     "not-a-checkpoint": (
         ["restore", "photo.png", "-o", "out.png", "--model", "random.pt"],
         ["random.pt", "not a weather-restore checkpoint"],

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from weather_restore.checkpoint import save_checkpoint
+from weather_restore.checkpoint import load_model, save_checkpoint
 from weather_restore.cli import main
 from weather_restore.data.frames import write_frame
 from weather_restore.errors import DataError, OutputError
@@ -188,6 +188,24 @@ def test_single_image_to_image(tmp_path, checkpoints):
     assert summary.kind == "image" and summary.frames == 1
     with Image.open(tmp_path / "clean.jpg") as image:
         assert (image.format, image.size) == ("JPEG", (WIDTH, HEIGHT))
+
+
+@pytest.mark.parametrize("name", ["dynstaticnet", "dwgn"])
+def test_bfloat16_restores_what_the_model_computes_under_autocast_close_to_float32(checkpoints, name):
+    frames = np.stack(moving_frames(10)).transpose(0, 3, 1, 2).astype(np.float32) / 255  # (T, 3, H, W)
+    x = frames[None] if name == "dynstaticnet" else frames
+    full = load_restorer(str(checkpoints[name]))
+    half = load_restorer(str(checkpoints[name]), precision="bfloat16")
+    assert (full.precision, half.precision) == ("float32", "bfloat16")
+    restored, reference = half.forward(x), full.forward(x)
+    module = load_model(checkpoints[name], "cpu", name)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        by_hand = module(torch.from_numpy(x)).float().numpy()
+    assert restored.dtype == np.float32 and restored.shape == x.shape
+    np.testing.assert_array_equal(restored, by_hand)
+    difference = np.abs(restored - reference)
+    assert 0 < difference.max() < 0.05  # bfloat16's 8-bit mantissa, not float32's result
+    assert difference.mean() < 0.005
 
 
 def test_video_to_frame_folder(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from weather_restore import __version__
 from weather_restore.config import DEFAULT_PARAMS, Params, load_params
 from weather_restore.errors import ConfigError, PromotionRefused, WeatherRestoreError
-from weather_restore.models.facts import MODEL_NAMES
+from weather_restore.models.facts import MODEL_NAMES, PRECISIONS
 from weather_restore.progress import show_progress
 
 log = logging.getLogger("weather_restore")
@@ -193,7 +193,8 @@ def cmd_restore(args: argparse.Namespace, params: Params) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_restorer(args.model, args.checkpoint, device, tracking_uri(params.tracking, Path.cwd()), args.threads)
+    uri = tracking_uri(params.tracking, Path.cwd())
+    model = load_restorer(args.model, args.checkpoint, device, uri, args.threads, args.precision)
     from weather_restore.quality import check_report_path
 
     report = args.report and check_report_path(args.report, [args.input, args.output], args.force)
@@ -210,9 +211,11 @@ def cmd_restore(args: argparse.Namespace, params: Params) -> None:
         force=args.force,
     )
     notes = "".join(f"; {note}" for note in summary.notes)
+    precision = f", {model.precision}" if model.precision != "float32" else ""
     print(
         f"restored {summary.frames} frames ({summary.width}x{summary.height}) with {summary.model} "
-        f"({summary.backend}) in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s) -> {summary.output}{notes}"
+        f"({summary.backend}{precision}) in {summary.seconds:.1f} s ({summary.fps:.2f} frames/s) -> "
+        f"{summary.output}{notes}"
     )
     if report:
         _score(args.input, args.output, report, args.report_every)
@@ -442,6 +445,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     p.add_argument(
         "--threads", type=_whole_number(1), help="CPU threads for PyTorch and ONNX Runtime (default: one per core)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="a .pt checkpoint's arithmetic: bfloat16 runs its convolutions, matmuls and attention under autocast, "
+        "faster where the CPU has AMX or AVX512-BF16 (README: speed and PSNR measured); ONNX graphs run in float32 "
+        "(default: float32)",
     )
     p.add_argument("--compare", action="store_true", help="write input | restored side by side")
     p.add_argument(

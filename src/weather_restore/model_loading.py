@@ -5,6 +5,7 @@ model's own layout to the restored array, and the facts of the model it holds.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,10 @@ import torch
 from torch import nn
 
 from weather_restore.errors import ConfigError, ModelFileError
-from weather_restore.models.facts import MODEL_NAMES, MODELS, by_rank, by_registered_name, model_facts
+from weather_restore.models.facts import MODEL_NAMES, MODELS, PRECISIONS, by_rank, by_registered_name, model_facts
 from weather_restore.windows import Forward
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class LoadedModel:
     backend: str  # "pytorch" or "onnxruntime"
     forward: Forward
     source: str
+    precision: str = "float32"  # one of PRECISIONS
 
     @property
     def video(self) -> bool:
@@ -55,14 +59,18 @@ def load_restorer(
     device: str = "cpu",
     tracking_uri: str | None = None,
     threads: int | None = None,
+    precision: str = "float32",
 ) -> LoadedModel:
     """A model from what a user names: a `.pt` checkpoint, an `.onnx` file written by `weather-restore export`, a
     model name with a checkpoint or ONNX file (which must hold that model), or a registry URI
     `models:/DynStaticNet@champion` (an ONNX version, run by ONNX Runtime; other formats are refused unloaded).
 
     threads: ONNX Runtime's CPU threads (None: one per core); PyTorch's are process-wide (torch.set_num_threads).
+    precision: "bfloat16" runs a checkpoint's convolutions and matmuls under bfloat16 autocast (float32 otherwise);
+    ONNX graphs and registry versions run in float32 only.
     """
     check_device(device)
+    check_precision(precision, checkpoint if checkpoint is not None else model, device)
     if model.startswith(("models:/", "runs:/")):
         if checkpoint is not None:
             raise ConfigError(f"{model} is a registry URI: it takes no --checkpoint")
@@ -70,7 +78,7 @@ def load_restorer(
     if Path(model).suffix.lower() in (".pt", ".pth", ".onnx"):
         if checkpoint is not None:
             raise ConfigError(f"give a model file ({model}) or a model name with --checkpoint, not both")
-        return _load_file(Path(model), None, device, threads)
+        return _load_file(Path(model), None, device, threads, precision)
     name = model.lower()
     if name not in MODEL_NAMES:
         raise ConfigError(
@@ -79,7 +87,24 @@ def load_restorer(
         )
     if checkpoint is None:
         raise ConfigError(f"--model {model} needs --checkpoint PATH (a .pt checkpoint or an .onnx file)")
-    return _load_file(Path(checkpoint), name, device, threads)
+    return _load_file(Path(checkpoint), name, device, threads, precision)
+
+
+def check_precision(precision: str, model: str | Path, device: str) -> None:
+    """Refuse a precision the model file cannot run in, before anything loads; warn when bfloat16 would be slow."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return
+    if str(model).startswith(("models:/", "runs:/")) or Path(model).suffix.lower() == ".onnx":
+        raise ConfigError(
+            f"--precision {precision} runs a PyTorch checkpoint under autocast, but {model} is an ONNX graph, which "
+            "ONNX Runtime runs in float32: drop --precision, or give the model's .pt checkpoint"
+        )
+    if torch.device(device).type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning(
+            "this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 will likely run slower than float32"
+        )
 
 
 def _check_name(source: object, found: str, expected: str | None) -> None:
@@ -90,25 +115,33 @@ def _check_name(source: object, found: str, expected: str | None) -> None:
         )
 
 
-def _load_file(path: Path, expected: str | None, device: str, threads: int | None) -> LoadedModel:
+def _load_file(
+    path: Path, expected: str | None, device: str, threads: int | None, precision: str = "float32"
+) -> LoadedModel:
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path, expected, device, threads)
-    return _load_checkpoint(path, expected, device)
+    return _load_checkpoint(path, expected, device, precision)
 
 
-def _load_checkpoint(path: Path, expected: str | None, device: str) -> LoadedModel:
+def _load_checkpoint(path: Path, expected: str | None, device: str, precision: str = "float32") -> LoadedModel:
     from weather_restore.checkpoint import load_model
 
     module = load_model(path, device, expected)  # the weights every stage ships (the EMA's when kept)
     name = next(facts.name for facts in MODELS.values() if facts.display_name == type(module).__name__)
+    device_type = torch.device(device).type
+    bfloat16 = precision == "bfloat16"
 
     @torch.inference_mode()
     def forward(x: np.ndarray) -> np.ndarray:
-        return module(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        # Autocast runs convolutions, matmuls and attention in bfloat16 (the features after them follow); both
+        # models add their correction to the float32 input, so the restored frames are float32 sums.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bfloat16):
+            restored = module(torch.from_numpy(x).to(device))
+        return restored.float().cpu().numpy()
 
-    return LoadedModel(name, "pytorch", forward, str(path))
+    return LoadedModel(name, "pytorch", forward, str(path), precision)
 
 
 def _load_onnx(

@@ -89,6 +89,9 @@ MODELS: dict[str, ModelFacts] = {
     )
 }
 MODEL_NAMES = tuple(MODELS)
+# What a PyTorch checkpoint can restore in: float32, or its convolutions and matmuls under bfloat16 autocast.
+# ONNX graphs run in float32.
+PRECISIONS = ("float32", "bfloat16")
 
 
 def model_facts(name: str) -> ModelFacts:

@@ -27,20 +27,26 @@ pytorch-wavelets PyWavelets`; einops is already in this environment); and write 
 putting its folders on sys.path itself. The configuration is the spec's reference (DynStaticNet at the README's
 dim 24, DwGN at width 32): the run records both models' parameter counts, to check against the spec's.
 
-Run: python benchmarks/models.py [--threads 2] [--models dynstaticnet,dwgn] [--no-onnx] [--published DIR]
+Bounds (--bounds): each eager case is timed twice more with parts of our model replaced by nothing, the most any
+hand-written kernel for them could give: every attention core (softmax(q kᵀ) v: SDPA) returning v, and that with
+every channel LayerNorm returning its input too. Ablations, not models: they bound what kernels for those parts can
+win, against the published code of the same run.
+
+Run: python benchmarks/models.py [--threads 2] [--models dynstaticnet,dwgn] [--no-onnx] [--published DIR] [--bounds]
 (writes reports/bench/models.json)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import platform
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -52,7 +58,7 @@ from torch import nn
 from weather_restore.config import ExportConfig
 from weather_restore.export import INPUT_NAME, export_onnx, median_seconds, onnx_session
 from weather_restore.metrics import count_flops
-from weather_restore.models import build_model
+from weather_restore.models import build_model, dwgn, dynstaticnet, layers
 from weather_restore.models.facts import MODEL_NAMES, model_facts
 from weather_restore.outputs import atomic_write_text
 
@@ -110,6 +116,32 @@ def step_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
     return seconds
 
 
+# The bounds' ablations: row key suffix, and whether the channel norms go too (the attention cores always do).
+BOUNDS = {"attention_free": False, "attention_norms_free": True}
+BOUND_LABELS = {
+    "no_dropout": "no attention dropout (ours)",
+    "attention_free": "bound: attention cores free",
+    "attention_norms_free": "bound: + channel norms free",
+}
+
+
+@contextlib.contextmanager
+def parts_free(norms: bool) -> Iterator[None]:
+    """Within: both models' attention cores return v, and with `norms` every ChannelLayerNorm its input."""
+    modules, norm_forward = (dynstaticnet, dwgn), layers.ChannelLayerNorm.forward
+    cores = {module: module.attention for module in modules}
+    try:
+        for module in modules:
+            module.attention = lambda q, k, v, mask=None, dropout=0.0: v
+        if norms:
+            layers.ChannelLayerNorm.forward = lambda self, x: x
+        yield
+    finally:
+        for module in modules:
+            module.attention = cores[module]
+        layers.ChannelLayerNorm.forward = norm_forward
+
+
 def count_on_meta(name: str, shape: tuple[int, ...]) -> float:
     """FLOPs of one forward, counted on the meta device: they depend on shapes only, and no memory is used."""
     with torch.device("meta"):
@@ -155,6 +187,7 @@ def bench(
     threads: int,
     onnx: bool,
     published: ModuleType | None,
+    bounds: bool,
     rate: float,
     report: dict,
     save: Callable[[], None],
@@ -200,6 +233,11 @@ def bench(
                             row["onnx_max_abs_diff"] = float(np.abs(restored - model(inputs).numpy()).max())
                         row["onnx_s"] = warm_median(lambda run=session.run, feed=feed: run(None, feed))
                         row["onnx_speedup"] = row["eager_s"] / row["onnx_s"]
+                if bounds:
+                    measure_ours = step_seconds if measure == "step" else forward_seconds
+                    for suffix, norms in BOUNDS.items():
+                        with parts_free(norms):
+                            row[f"eager_{suffix}_s"] = measure_ours(model, inputs)
                 if theirs is not None:  # right after ours, on the same input, by the same harness
                     their_inputs = to_layout(inputs, model_facts(name).layout, tuple(published.LAYOUTS[name]))
                     measure_seconds = step_seconds if measure == "step" else forward_seconds
@@ -215,10 +253,11 @@ def bench(
 
 
 def ratios(row: dict, published_seconds: float, kind: str) -> None:
-    """published / ours for the row (and for its no-dropout step), `kind` being measured or scaled."""
+    """published / ours for the row (and for its no-dropout step and bounds), `kind` being measured or scaled."""
     row[f"speedup_vs_published_{kind}"] = published_seconds / row["eager_s"]
-    if "eager_no_dropout_s" in row:
-        row[f"speedup_vs_published_{kind}_no_dropout"] = published_seconds / row["eager_no_dropout_s"]
+    for suffix in BOUND_LABELS:
+        if f"eager_{suffix}_s" in row:
+            row[f"speedup_vs_published_{kind}_{suffix}"] = published_seconds / row[f"eager_{suffix}_s"]
 
 
 def print_table(rows: list[dict], rate: float, threads: int, measured: bool) -> None:
@@ -251,11 +290,12 @@ def print_table(rows: list[dict], rate: float, threads: int, measured: bool) -> 
             f"{cell(r, 'published_measured_s', '.2f', 7)}{cell(r, 'published_spec_s', '.2f', 8)}"
             f"{cell(r, 'published_scaled_s', '.2f', 8)}{cell(r, f'speedup_vs_published_{kind}', '.2f', 7)}"
         )
-        if "eager_no_dropout_s" in r:
-            print(
-                f"{'':<13}{'  no attention dropout (ours)':<36}{r['eager_no_dropout_s']:>9.2f}{'':<53}"
-                f"{cell(r, f'speedup_vs_published_{kind}_no_dropout', '.2f', 7)}"
-            )
+        for suffix, label in BOUND_LABELS.items():
+            if f"eager_{suffix}_s" in r:
+                print(
+                    f"{'':<13}{'  ' + label:<36}{r[f'eager_{suffix}_s']:>9.2f}{'':<53}"
+                    f"{cell(r, f'speedup_vs_published_{kind}_{suffix}', '.2f', 7)}"
+                )
 
 
 def main() -> None:
@@ -263,6 +303,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default=",".join(MODEL_NAMES))
     parser.add_argument("--no-onnx", action="store_true", help="eager PyTorch only (no export)")
+    parser.add_argument(
+        "--bounds", action="store_true", help="also time ours with the attention cores (and channel norms) free"
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT)
     parser.add_argument(
         "--published",
@@ -289,6 +332,7 @@ def main() -> None:
         "torch": torch.__version__,
         "matmul_gflops_per_s": {"start": start_rate},
         "spec_matmul_gflops_per_s": SPEC_MATMUL_GFLOPS,
+        "bounds": args.bounds,
         "published": {
             "measured": published is not None,
             "adapter": str(args.published / ADAPTER) if published is not None else None,
@@ -303,7 +347,7 @@ def main() -> None:
     def save() -> None:
         atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
 
-    bench(args.models.split(","), args.threads, not args.no_onnx, published, start_rate, report, save)
+    bench(args.models.split(","), args.threads, not args.no_onnx, published, args.bounds, start_rate, report, save)
     report["matmul_gflops_per_s"]["end"] = matmul_gflops()
     report["load_average_at_end"] = os.getloadavg()
     save()

@@ -116,9 +116,10 @@ def step_seconds(model: nn.Module, inputs: torch.Tensor) -> float:
     return seconds
 
 
-# The bounds' ablations: row key suffix, and whether the channel norms go too (the attention cores always do).
+# The bounds' ablations: row key suffix, and whether the channel norms go too (the attention cores always do);
+# VARIANT_LABELS: every timed variant of ours that a row may carry, by suffix, as the table names it.
 BOUNDS = {"attention_free": False, "attention_norms_free": True}
-BOUND_LABELS = {
+VARIANT_LABELS = {
     "no_dropout": "no attention dropout (ours)",
     "attention_free": "bound: attention cores free",
     "attention_norms_free": "bound: + channel norms free",
@@ -255,7 +256,7 @@ def bench(
 def ratios(row: dict, published_seconds: float, kind: str) -> None:
     """published / ours for the row (and for its no-dropout step and bounds), `kind` being measured or scaled."""
     row[f"speedup_vs_published_{kind}"] = published_seconds / row["eager_s"]
-    for suffix in BOUND_LABELS:
+    for suffix in VARIANT_LABELS:
         if f"eager_{suffix}_s" in row:
             row[f"speedup_vs_published_{kind}_{suffix}"] = published_seconds / row[f"eager_{suffix}_s"]
 
@@ -290,7 +291,7 @@ def print_table(rows: list[dict], rate: float, threads: int, measured: bool) -> 
             f"{cell(r, 'published_measured_s', '.2f', 7)}{cell(r, 'published_spec_s', '.2f', 8)}"
             f"{cell(r, 'published_scaled_s', '.2f', 8)}{cell(r, f'speedup_vs_published_{kind}', '.2f', 7)}"
         )
-        for suffix, label in BOUND_LABELS.items():
+        for suffix, label in VARIANT_LABELS.items():
             if f"eager_{suffix}_s" in r:
                 print(
                     f"{'':<13}{'  ' + label:<36}{r[f'eager_{suffix}_s']:>9.2f}{'':<53}"

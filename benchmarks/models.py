@@ -216,6 +216,7 @@ def bench(
                     continue
                 inputs = torch.rand(shape, generator=torch.Generator().manual_seed(1))
                 row: dict[str, object] = {"model": name, "measure": measure, "input": list(shape)}
+                measure_seconds = step_seconds if measure == "step" else forward_seconds
                 if measure == "step":
                     row["eager_s"] = step_seconds(model, inputs)
                     if name == "dynstaticnet":  # the same step without attention dropout (a recipe option)
@@ -235,13 +236,11 @@ def bench(
                         row["onnx_s"] = warm_median(lambda run=session.run, feed=feed: run(None, feed))
                         row["onnx_speedup"] = row["eager_s"] / row["onnx_s"]
                 if bounds:
-                    measure_ours = step_seconds if measure == "step" else forward_seconds
                     for suffix, norms in BOUNDS.items():
                         with parts_free(norms):
-                            row[f"eager_{suffix}_s"] = measure_ours(model, inputs)
+                            row[f"eager_{suffix}_s"] = measure_seconds(model, inputs)
                 if theirs is not None:  # right after ours, on the same input, by the same harness
                     their_inputs = to_layout(inputs, model_facts(name).layout, tuple(published.LAYOUTS[name]))
-                    measure_seconds = step_seconds if measure == "step" else forward_seconds
                     row["published_measured_s"] = measure_seconds(theirs, their_inputs)
                     ratios(row, row["published_measured_s"], "measured")
                 if spec_seconds is not None:
